@@ -1,0 +1,1 @@
+"""Local networks of real pmarket node processes and the trading experiment."""

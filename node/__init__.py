@@ -1,0 +1,1 @@
+"""The pmarket daemon: a trio shell around the protocol package."""
