@@ -1,0 +1,1 @@
+"""Benchmarks behind scripts/bench; each writes a table to docs/benchmarks.md."""
