@@ -1,0 +1,227 @@
+"""The node's config.toml: defaults, the commented file `pmarket init` writes,
+and loading with clear errors for bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+
+class ConfigError(ValueError):
+    """A config file or option that cannot be used; the message names the value."""
+
+
+@dataclass
+class NodeSection:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = False
+    log_level: str = "info"
+
+
+@dataclass
+class LimitsSection:
+    max_connections: int = 128
+    max_connections_per_peer: int = 2
+    max_streams: int = 1024
+    max_inbound_streams_per_peer: int = 16
+
+
+@dataclass
+class GossipSection:
+    heartbeat_s: float = 1.0
+    publish_interval_ms: int = 25
+    max_messages_per_second: int = 100
+    max_offers: int = 10_000
+    max_offers_per_seller: int = 64
+    sync_interval_s: float = 30.0
+    families: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MetricsSection:
+    prometheus: bool = False
+    port: int = 0
+
+
+@dataclass
+class WorkersSection:
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    workers: WorkersSection = field(default_factory=WorkersSection)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_FILE = """\
+# pmarket node configuration. Every key is optional; the values shown are
+# the defaults. Command-line options of `pmarket node start` override them.
+
+[node]
+# Multiaddrs to listen on. The default accepts connections from this machine
+# only; use /ip4/0.0.0.0/tcp/4001 (or a specific address) to join a network.
+listen = ["/ip4/127.0.0.1/tcp/0"]
+# Peers to connect to at start and to reconnect to, with backoff, when the
+# connection drops: full multiaddrs ending in /p2p/<peer ID>.
+bootstrap = []
+# Find peers on the local network by mDNS. It sends multicast packets.
+mdns = false
+# debug, info, warning or error. Logs go to node.log in the data directory.
+log_level = "info"
+
+[limits]
+# Connections to all peers together and to one peer.
+max_connections = 128
+max_connections_per_peer = 2
+# Open libp2p streams in total, and inbound pmarket streams from one peer.
+max_streams = 1024
+max_inbound_streams_per_peer = 16
+
+[gossip]
+# GossipSub heartbeat, in seconds.
+heartbeat_s = 1.0
+# Minimum time between two offers this node publishes, in milliseconds.
+# py-libp2p drops bursts silently, so publishing is paced.
+publish_interval_ms = 25
+# Messages per second one peer may forward on one topic before GossipSub
+# drops them as spam.
+max_messages_per_second = 100
+# Offer book bounds: offers in all and per seller. When full, the offer
+# that expires first is evicted.
+max_offers = 10000
+max_offers_per_seller = 64
+# Seconds between catch-up pulls of a random peer's offer book (besides the
+# pull on every new connection).
+sync_interval_s = 30.0
+# Model families (hex) whose topics this node joins besides the topic of all
+# families. Families of local models are joined automatically.
+families = []
+
+[metrics]
+# Serve Prometheus metrics on 127.0.0.1. Port 0 picks a free port, which
+# `pmarket status` shows.
+prometheus = false
+port = 0
+
+[workers]
+# Device for evaluation and merging: "auto" (every CUDA GPU, else the CPU),
+# "cpu", "cuda" or "cuda:N".
+device = "auto"
+"""
+
+
+def _section(cls: type[Any], name: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in [{name}]; known keys are {', '.join(sorted(known))}"
+        )
+    defaults = cls()
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:
+            raise ConfigError(
+                f"[{name}] {key} must be a {expected.__name__}, got {value!r}"
+            )
+        if expected is list and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"[{name}] {key} must be a list of strings, got {value!r}")
+        result[key] = value
+    return dataclasses.replace(defaults, **result)
+
+
+def parse(text: str, source: str = "config") -> Config:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(document) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{unknown[0]}]; known sections are {', '.join(sections)}")
+    section_types: dict[str, type[Any]] = {
+        "node": NodeSection,
+        "limits": LimitsSection,
+        "gossip": GossipSection,
+        "metrics": MetricsSection,
+        "workers": WorkersSection,
+    }
+    kwargs = {name: _section(section_types[name], name, document.get(name, {})) for name in sections}
+    config = Config(**kwargs)
+    validate(config, source)
+    return config
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse(text, str(path))
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Check values that a type alone does not pin down."""
+    for address in config.node.listen:
+        check_multiaddr(address, f"{source}: [node] listen")
+    for address in config.node.bootstrap:
+        parsed = check_multiaddr(address, f"{source}: [node] bootstrap")
+        if "p2p" not in [p.name for p in parsed.protocols()]:
+            raise ConfigError(
+                f"{source}: bootstrap address {address!r} must end in /p2p/<peer ID> so the peer can be authenticated"
+            )
+    if config.node.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{source}: [node] log_level {config.node.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+    positive = {
+        "[limits] max_connections": config.limits.max_connections,
+        "[limits] max_connections_per_peer": config.limits.max_connections_per_peer,
+        "[limits] max_streams": config.limits.max_streams,
+        "[limits] max_inbound_streams_per_peer": config.limits.max_inbound_streams_per_peer,
+        "[gossip] heartbeat_s": config.gossip.heartbeat_s,
+        "[gossip] max_messages_per_second": config.gossip.max_messages_per_second,
+        "[gossip] max_offers": config.gossip.max_offers,
+        "[gossip] max_offers_per_seller": config.gossip.max_offers_per_seller,
+        "[gossip] sync_interval_s": config.gossip.sync_interval_s,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{source}: {name} must be positive, got {value}")
+    if config.gossip.publish_interval_ms < 0:
+        raise ConfigError(f"{source}: [gossip] publish_interval_ms must be 0 or more")
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"{source}: [metrics] port {config.metrics.port} is not a TCP port")
+    for family in config.gossip.families:
+        try:
+            if len(bytes.fromhex(family)) != 32:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{source}: [gossip] families entry {family!r} is not 64 hex digits") from None
+    device = config.workers.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{source}: [workers] device {device!r} must be auto, cpu, cuda or cuda:N")
+
+
+def check_multiaddr(text: str, what: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:  # the multiaddr package raises several unrelated types
+        raise ConfigError(f"{what}: {text!r} is not a valid multiaddr ({exc})") from None

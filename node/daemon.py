@@ -1,0 +1,188 @@
+"""The node: one organization's long-running pmarket daemon.
+
+`Node.run` starts the libp2p host, offer gossip, the connector that keeps
+bootstrap peers connected, the control API and, when enabled, the
+Prometheus endpoint. It returns when `request_stop` is called or its scope
+is cancelled. Tests run several nodes in one trio process through the same
+API; `pmarket node start` runs one in the foreground.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from node.config import Config
+from node.control import serve_control
+from node.datadir import DataDir, Identity
+from node.gossip import OfferGossip
+from node.host import ConnectionEvents, Connector, build_host
+from node.logs import RateLimiter
+from node.metrics import Metrics
+from node.streams import InboundLimiter
+from protocol.identity import peer_id_to_text
+from protocol.messages import Offer
+from protocol.offers import ValidOffer
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class NodeOptions:
+    """Start-time options that override config.toml."""
+
+    listen: list[str] | None = None
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool | None = None
+    control: bool = True
+    clock_offset_ms: int = 0  # tests shift the node's wall clock with this
+
+
+class Node:
+    def __init__(self, data_dir: DataDir, config: Config, identity: Identity, options: NodeOptions | None = None) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.identity = identity
+        self.options = options or NodeOptions()
+        if self.options.mdns is not None:
+            config.node.mdns = self.options.mdns
+        self.metrics = Metrics()
+        self.limiter = InboundLimiter(config.limits.max_inbound_streams_per_peer)
+        listen = self.options.listen or config.node.listen
+        self.host = build_host(identity, config, listen)
+        self._listen = [multiaddr.Multiaddr(address) for address in listen]
+        self.gossip = OfferGossip(
+            self.host, config=config.gossip, metrics=self.metrics, now_ms=self.now_ms, limiter=self.limiter
+        )
+        self.connector = Connector(
+            self.host, [*config.node.bootstrap, *self.options.bootstrap], discover_from_peerstore=config.node.mdns
+        )
+        self.host.get_network().register_notifee(ConnectionEvents(self._on_connected, self._on_disconnected))
+        self.started = trio.Event()
+        self._stop = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._log_limit = RateLimiter()
+        self._started_at = time.time()
+
+    # Identity and time ------------------------------------------------------
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.identity.peer_id
+
+    @property
+    def peer_id_text(self) -> str:
+        return peer_id_to_text(self.identity.peer_id)
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds, the time base of every signed message."""
+        return int(time.time() * 1000) + self.options.clock_offset_ms
+
+    def addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<peer ID>) that other nodes can dial."""
+        return [str(address) for address in self.host.get_addrs()]
+
+    # Lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        old_umask = os.umask(0o077)
+        try:
+            async with self.host.run(self._listen):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self.gossip.run)
+                    nursery.start_soon(self.connector.run)
+                    if self.options.control:
+                        await nursery.start(serve_control, self, self.data_dir.control_socket)
+                    if self.config.metrics.prometheus:
+                        self.metrics.serve(self.config.metrics.port)
+                    logger.info("Node %s started, listening on %s", self.peer_id_text, ", ".join(self.addrs()))
+                    self.started.set()
+                    task_status.started()
+                    await self._stop.wait()
+                    logger.info("Node %s stopping", self.peer_id_text)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.metrics.close()
+            if self.options.control:
+                try:
+                    self.data_dir.control_socket.unlink()
+                except FileNotFoundError:
+                    pass
+            os.umask(old_umask)
+            logger.info("Node %s stopped", self.peer_id_text)
+
+    def request_stop(self, *, delay: float = 0.0) -> None:
+        """Stop the node, after `delay` seconds (so a control API reply can go out first)."""
+        if delay <= 0 or self._nursery is None:
+            self._stop.set()
+            return
+
+        async def stop_later() -> None:
+            await trio.sleep(delay)
+            self._stop.set()
+
+        self._nursery.start_soon(stop_later)
+
+    # Connections -----------------------------------------------------------------
+
+    def _on_connected(self, peer: ID) -> None:
+        peers = self.host.get_connected_peers()
+        if len(peers) > self.config.limits.max_connections and peer not in self.connector.wanted:
+            if self._log_limit.allow("connection limit"):
+                logger.info("Closing connection from %s: %d peers is the limit", peer, self.config.limits.max_connections)
+            if self._nursery is not None:
+                self._nursery.start_soon(self.disconnect, peer)
+            return
+        logger.info("Connected to %s", peer)
+        self.metrics.peers.set(len(peers))
+        self.gossip.on_connected(peer)
+
+    def _on_disconnected(self, peer: ID) -> None:
+        logger.info("Disconnected from %s", peer)
+        self.metrics.peers.set(len(self.host.get_connected_peers()))
+
+    async def connect(self, address: str) -> ID:
+        """Dial a full multiaddr ending in /p2p/<peer ID>."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        await self.host.connect(info)
+        return info.peer_id
+
+    async def disconnect(self, peer: ID) -> None:
+        try:
+            await self.host.get_network().close_peer(peer)
+        except Exception as exc:  # py-libp2p raises assorted errors for a connection already closing
+            logger.debug("Closing connection to %s failed: %s", peer, exc)
+
+    # Offers -------------------------------------------------------------------
+
+    async def publish_offer(self, offer: Offer) -> ValidOffer:
+        """Publish one of this node's offers (signed by its key)."""
+        await self.gossip.join_family(offer.family)
+        valid = await self.gossip.publish(offer)
+        logger.info("Published offer %s (%s, seq %d)", valid.offer_id.hex()[:12], offer.offer_key, offer.seq)
+        return valid
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id_text,
+            "version": VERSION,
+            "addrs": self.addrs(),
+            "data_dir": str(self.data_dir.root),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "peers": len(self.host.get_connected_peers()),
+            "offers": len(self.gossip.book),
+            "offers_rejected": self.metrics.rejected_by_reason(),
+            "metrics_port": self.metrics.port,
+        }
