@@ -32,7 +32,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from node.config import GossipSection
 from node.logs import RateLimiter
 from node.metrics import Metrics
-from node.streams import TRANSPORT_ERRORS, InboundLimiter, StreamFailed, StreamIO
+from node.streams import InboundLimiter, StreamFailed, StreamIO
 from protocol import limits
 from protocol.codec import encode
 from protocol.errors import Reason, RemoteProtocolError
