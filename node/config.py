@@ -55,12 +55,32 @@ class WorkersSection:
 
 
 @dataclass
+class TaskSection:
+    name: str = ""
+    orgs: int = 1
+    index: int = 0
+    split: str = "iid"
+    deduction: float = 1.0
+    seed: int = 0
+    align: bool = True
+
+
+@dataclass
+class TransferSection:
+    chunk_size: int = 4 * 1024 * 1024
+    max_chunk_attempts: int = 3
+    deal_ttl_s: float = 600.0
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     gossip: GossipSection = field(default_factory=GossipSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     workers: WorkersSection = field(default_factory=WorkersSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,6 +139,31 @@ port = 0
 # Device for evaluation and merging: "auto" (every CUDA GPU, else the CPU),
 # "cpu", "cuda" or "cuda:N".
 device = "auto"
+
+[task]
+# The task whose data this node trains and evaluates on, for example
+# "digits" (built in). Empty: the node evaluates nothing and buys weights
+# outright. For the built-in digits task, the node holds shard `index` of
+# `orgs` shards cut by `split` ("iid" or "complementary"; `deduction` is the
+# fraction of other organizations' classes a complementary shard keeps)
+# from the data shuffled with `seed`.
+name = ""
+orgs = 1
+index = 0
+split = "iid"
+deduction = 1.0
+seed = 0
+# Align hidden units of bought weights to the local model (weight matching)
+# before merging, where the task defines how.
+align = true
+
+[transfer]
+# Chunk size of the manifests of this node's offers, in bytes.
+chunk_size = 4194304
+# Fetches of a chunk that fails its hash before the deal fails.
+max_chunk_attempts = 3
+# Seconds a deal has from the first bid until the weights are delivered.
+deal_ttl_s = 600.0
 """
 
 
@@ -162,6 +207,8 @@ def parse(text: str, source: str = "config") -> Config:
         "gossip": GossipSection,
         "metrics": MetricsSection,
         "workers": WorkersSection,
+        "task": TaskSection,
+        "transfer": TransferSection,
     }
     kwargs = {name: _section(section_types[name], name, document.get(name, {})) for name in sections}
     config = Config(**kwargs)
@@ -215,6 +262,22 @@ def validate(config: Config, source: str = "config") -> None:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"{source}: [gossip] families entry {family!r} is not 64 hex digits") from None
+    task = config.task
+    if task.orgs < 1 or not 0 <= task.index < task.orgs:
+        raise ConfigError(f"{source}: [task] index {task.index} must be in 0..{task.orgs - 1} (orgs = {task.orgs})")
+    if not 0 < task.deduction <= 1:
+        raise ConfigError(f"{source}: [task] deduction {task.deduction} must be in (0, 1]")
+    from protocol import limits as protocol_limits
+
+    if not protocol_limits.MIN_CHUNK_SIZE <= config.transfer.chunk_size <= protocol_limits.MAX_CHUNK_SIZE:
+        raise ConfigError(
+            f"{source}: [transfer] chunk_size {config.transfer.chunk_size} must be in "
+            f"[{protocol_limits.MIN_CHUNK_SIZE}, {protocol_limits.MAX_CHUNK_SIZE}]"
+        )
+    if config.transfer.max_chunk_attempts < 1:
+        raise ConfigError(f"{source}: [transfer] max_chunk_attempts must be at least 1")
+    if not 10 <= config.transfer.deal_ttl_s <= protocol_limits.MAX_DEAL_LIFETIME_MS / 1000:
+        raise ConfigError(f"{source}: [transfer] deal_ttl_s must be between 10 and {protocol_limits.MAX_DEAL_LIFETIME_MS // 1000}")
     device = config.workers.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: [workers] device {device!r} must be auto, cpu, cuda or cuda:N")
