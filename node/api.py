@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trio
 from starlette.requests import Request
 
-from node.control import ApiError
+from node.control import ApiError, json_body
 from protocol.identity import peer_id_to_text
 from protocol.offers import ValidOffer
 
@@ -75,4 +77,181 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         ("GET", "/v1/peers", peers),
         ("GET", "/v1/offers", offers),
         ("POST", "/v1/stop", stop),
+        *trade_routes(node),
     ]
+
+
+def model_view(version: Any) -> dict[str, Any]:
+    return {
+        "name": version.name,
+        "version": version.version,
+        "ref": version.ref,
+        "task": version.task,
+        "family": version.family.hex(),
+        "root": version.root.hex(),
+        "total_bytes": version.total_bytes,
+        "source": version.source,
+        "parent": version.parent,
+        "deal_id": version.deal_id.hex() if version.deal_id else None,
+        "created_ms": version.created_ms,
+        "metrics": version.metrics,
+        "path": str(version.path),
+    }
+
+
+def _int(body: dict[str, Any], key: str, *, default: int | None = None, minimum: int = 0) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if type(value) is not int or value < minimum:
+        raise ApiError(400, f"{key} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def _str(body: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str) or (required and not value):
+        raise ApiError(400, f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def trade_routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any]]]]:
+    from node.buyer import BuyError
+    from node.models import ModelError
+    from node.publish import OfferRequest, PublishError, parse_terms
+
+    async def models(request: Request) -> Any:
+        return [model_view(v) for v in node.models.list()]
+
+    async def import_model(request: Request) -> Any:
+        body = await json_body(request)
+        path, name = _str(body, "path"), _str(body, "name")
+        task = _str(body, "task", required=False)
+        try:
+            version = await trio.to_thread.run_sync(
+                lambda: node.models.import_file(Path(path), name=name, task=task, now_ms=node.now_ms())
+            )
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+        await node.gossip.join_family(version.family)
+        return model_view(version)
+
+    async def export_model(request: Request) -> Any:
+        body = await json_body(request)
+        ref, path = _str(body, "model"), _str(body, "path")
+        overwrite = bool(body.get("overwrite", False))
+        try:
+            written = await trio.to_thread.run_sync(lambda: node.models.export(ref, Path(path), overwrite=overwrite))
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"model": ref, "path": str(written)}
+
+    async def init_model(request: Request) -> Any:
+        body = await json_body(request)
+        try:
+            version = await node.init_model(
+                _str(body, "name"),
+                epochs=_int(body, "epochs", default=0) or 0,
+                seed=_int(body, "seed", default=None),
+            )
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+        return model_view(version)
+
+    async def train_model(request: Request) -> Any:
+        body = await json_body(request)
+        try:
+            version = await node.train_model(_str(body, "model"), epochs=_int(body, "epochs", default=1, minimum=1) or 1)
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+        return model_view(version)
+
+    async def publish(request: Request) -> Any:
+        body = await json_body(request)
+        try:
+            payment, min_gain_ppm = parse_terms(_str(body, "terms", required=False, default="delivery"))
+            tensors = body.get("tensors", [])
+            if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+                raise ApiError(400, "tensors must be a list of name patterns")
+            expires = body.get("expires_s", 3600.0)
+            if not isinstance(expires, (int, float)) or isinstance(expires, bool):
+                raise ApiError(400, f"expires_s must be a number of seconds, got {expires!r}")
+            offer_request = OfferRequest(
+                model=_str(body, "model"),
+                price=_int(body, "price") or 0,
+                reserve=_int(body, "reserve", default=None),
+                tensors=tuple(tensors),
+                expires_s=float(expires),
+                payment=payment,
+                min_gain_ppm=min_gain_ppm,
+            )
+            published = await node.publish(offer_request)
+        except (ModelError, PublishError) as exc:
+            raise ApiError(400, str(exc)) from None
+        return offer_view(node.gossip.book.get(published.offer_id) or _valid(published), node.now_ms())
+
+    async def buy(request: Request) -> Any:
+        body = await json_body(request)
+        prefix = _str(body, "offer").lower()
+        matches = node.gossip.book.find_prefix(prefix)
+        live = [v for v in matches if v.offer.expires_ms > node.now_ms()]
+        if not live:
+            raise ApiError(404, f"no live offer with ID {prefix!r} in the offer book; see `pmarket offers`")
+        if len(live) > 1:
+            raise ApiError(400, f"offer ID {prefix!r} is ambiguous ({len(live)} offers); give more digits")
+        try:
+            record = await node.trades.buyer.buy(live[0], max_price=_int(body, "max_price", default=None))
+        except BuyError as exc:
+            raise ApiError(409, str(exc)) from None
+        return deal_view(node, record)
+
+    async def deals(request: Request) -> Any:
+        return [deal_view(node, record) for record in node.trades.deals.list()]
+
+    async def deal(request: Request) -> Any:
+        prefix = request.path_params["deal_id"].lower()
+        matches = node.trades.deals.find_prefix(prefix)
+        if len(matches) != 1:
+            raise ApiError(404 if not matches else 400, f"{len(matches)} deals match {prefix!r}; give a longer deal ID")
+        return deal_view(node, matches[0])
+
+    async def ledger(request: Request) -> Any:
+        from protocol.ledger import ChainError
+
+        try:
+            node.trades.ledger.verify()
+            chain = "ok"
+        except ChainError as exc:
+            chain = f"broken: {exc}"
+        earned, spent = node.trades.ledger.totals()
+        balances = {peer_id_to_text(peer): amount for peer, amount in node.trades.ledger.balances().items()}
+        return {"entries": node.trades.ledger.export(), "balances": balances, "earned": earned, "spent": spent, "chain": chain}
+
+    return [
+        ("GET", "/v1/models", models),
+        ("POST", "/v1/models/import", import_model),
+        ("POST", "/v1/models/export", export_model),
+        ("POST", "/v1/models/init", init_model),
+        ("POST", "/v1/models/train", train_model),
+        ("POST", "/v1/offers", publish),
+        ("POST", "/v1/buy", buy),
+        ("GET", "/v1/deals", deals),
+        ("GET", "/v1/deals/{deal_id}", deal),
+        ("GET", "/v1/ledger", ledger),
+    ]
+
+
+def deal_view(node: Node, record: Any) -> dict[str, Any]:
+    view: dict[str, Any] = record.view()
+    progress = node.trades.buyer.progress.get(record.deal_id)
+    if progress is not None and not record.terminal:
+        view["chunks_total"] = progress.chunks_total
+        view["chunks_done"] = progress.chunks_done
+        view["bytes_done"] = progress.bytes_done
+    return view
+
+
+def _valid(published: Any) -> ValidOffer:
+    from protocol.codec import encode
+
+    return ValidOffer(published.offer, published.offer_id, encode(published.offer))

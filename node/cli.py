@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     offers = commands.add_parser("offers", parents=[data, as_json], help="list live offers in the offer book")
     offers.add_argument("--family", help="only offers of this model family (64 hex digits)")
     offers.set_defaults(run=cmd_offers)
+
+    from node import cli_trade
+
+    cli_trade.add_commands(commands, data, as_json)
     return parser
 
 

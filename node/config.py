@@ -73,6 +73,16 @@ class TransferSection:
 
 
 @dataclass
+class MarketSection:
+    pricing: str = "nash"
+    share: float = 0.5
+    reserve_fraction: float = 1.0
+    credit_limit: int = 1_000_000
+    budget: int = 1_000_000
+    min_gain: float = 0.0
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -81,6 +91,7 @@ class Config:
     workers: WorkersSection = field(default_factory=WorkersSection)
     task: TaskSection = field(default_factory=TaskSection)
     transfer: TransferSection = field(default_factory=TransferSection)
+    market: MarketSection = field(default_factory=MarketSection)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -164,6 +175,24 @@ chunk_size = 4194304
 max_chunk_attempts = 3
 # Seconds a deal has from the first bid until the weights are delivered.
 deal_ttl_s = 600.0
+
+[market]
+# How this node prices its offers when a buyer bids: "fixed" sells at the
+# ask; "nash" splits the surplus between the reserve and the buyer's bid
+# (its value), giving this node `share` of it, never above the ask.
+pricing = "nash"
+share = 0.5
+# Reserve (the least this node sells for) as a fraction of the ask, unless
+# `pmarket offer publish --reserve` sets it.
+reserve_fraction = 1.0
+# Most one buyer may owe this node: its unpaid balance plus the prices of
+# sales delivered or in flight but not yet settled.
+credit_limit = 1000000
+# Most this node spends in all, over its whole ledger.
+budget = 1000000
+# Merge bought weights only when the relative drop in validation loss is
+# above this (0.0 merges any improvement).
+min_gain = 0.0
 """
 
 
@@ -209,6 +238,7 @@ def parse(text: str, source: str = "config") -> Config:
         "workers": WorkersSection,
         "task": TaskSection,
         "transfer": TransferSection,
+        "market": MarketSection,
     }
     kwargs = {name: _section(section_types[name], name, document.get(name, {})) for name in sections}
     config = Config(**kwargs)
@@ -278,6 +308,13 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: [transfer] max_chunk_attempts must be at least 1")
     if not 10 <= config.transfer.deal_ttl_s <= protocol_limits.MAX_DEAL_LIFETIME_MS / 1000:
         raise ConfigError(f"{source}: [transfer] deal_ttl_s must be between 10 and {protocol_limits.MAX_DEAL_LIFETIME_MS // 1000}")
+    market = config.market
+    if market.pricing not in ("fixed", "nash"):
+        raise ConfigError(f"{source}: [market] pricing {market.pricing!r} must be fixed or nash")
+    if not 0 <= market.share <= 1 or not 0 <= market.reserve_fraction <= 1:
+        raise ConfigError(f"{source}: [market] share and reserve_fraction must be in [0, 1]")
+    if market.credit_limit < 0 or market.budget < 0:
+        raise ConfigError(f"{source}: [market] credit_limit and budget must not be negative")
     device = config.workers.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: [workers] device {device!r} must be auto, cpu, cuda or cuda:N")

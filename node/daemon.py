@@ -27,6 +27,12 @@ from node.gossip import OfferGossip
 from node.host import ConnectionEvents, Connector, build_host
 from node.logs import RateLimiter
 from node.metrics import Metrics
+from node.chunks import ChunkStore
+from node.models import ModelStore, ModelVersion
+from node.publish import OfferRequest, PublishedOffer, Publisher
+from node.store import Database
+from node.trades import Trades
+from node.workers import WorkerPool
 from node.streams import InboundLimiter
 from protocol.identity import peer_id_to_text
 from protocol.messages import Offer
@@ -63,6 +69,26 @@ class Node:
         self._listen = [multiaddr.Multiaddr(address) for address in listen]
         self.gossip = OfferGossip(
             self.host, config=config.gossip, metrics=self.metrics, now_ms=self.now_ms, limiter=self.limiter
+        )
+        self.db = Database(data_dir.database)
+        self.models = ModelStore(data_dir.models, self.db, chunk_size=config.transfer.chunk_size)
+        self.chunks = ChunkStore(data_dir.chunks)
+        self.publisher = Publisher(self.db, self.models, identity.signer, chunk_size=config.transfer.chunk_size)
+        self.workers = WorkerPool(config.workers.device)
+        self.trades = Trades(
+            host=self.host,
+            data_dir=data_dir,
+            config=config,
+            signer=identity.signer,
+            db=self.db,
+            models=self.models,
+            chunks=self.chunks,
+            publisher=self.publisher,
+            workers=self.workers,
+            book=self.gossip.book,
+            metrics=self.metrics,
+            now_ms=self.now_ms,
+            limiter=self.limiter,
         )
         self.connector = Connector(
             self.host, [*config.node.bootstrap, *self.options.bootstrap], discover_from_peerstore=config.node.mdns
@@ -101,6 +127,9 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(self.gossip.run)
+                    for family in {v.family for v in self.models.list()}:
+                        await self.gossip.join_family(family)
+                    await nursery.start(self.trades.run)
                     nursery.start_soon(self.connector.run)
                     if self.options.control:
                         await nursery.start(serve_control, self, self.data_dir.control_socket)
@@ -114,6 +143,7 @@ class Node:
                     nursery.cancel_scope.cancel()
         finally:
             self.metrics.close()
+            self.db.close()
             if self.options.control:
                 try:
                     self.data_dir.control_socket.unlink()
@@ -173,6 +203,69 @@ class Node:
         logger.info("Published offer %s (%s, seq %d)", valid.offer_id.hex()[:12], offer.offer_key, offer.seq)
         return valid
 
+    async def publish(self, request: OfferRequest) -> PublishedOffer:
+        """Sign an offer for a local model and gossip it."""
+        market = self.config.market
+        published = await trio.to_thread.run_sync(
+            lambda: self.publisher.prepare(request, now_ms=self.now_ms(), reserve_fraction=market.reserve_fraction)
+        )
+        await self.publish_offer(published.offer)
+        return published
+
+    # Models and training --------------------------------------------------------
+
+    def _task_data(self) -> Any:
+        from node.evaluate import local_task_data
+        from node.models import ModelError
+
+        data = local_task_data(self.config.task)
+        if data is None:
+            raise ModelError("this node has no task; set [task] name in config.toml (for example \"digits\")")
+        return data
+
+    def org_seed(self) -> int:
+        """This organization's seed: models of different organizations start apart."""
+        return self.config.task.seed * 1000 + self.config.task.index
+
+    async def init_model(self, name: str, *, epochs: int = 0, seed: int | None = None) -> ModelVersion:
+        """Create a model of this node's task from fresh weights, then train it."""
+        data = self._task_data()
+        params = data.task.initial_params(self.org_seed() if seed is None else seed)
+        version = await trio.to_thread.run_sync(
+            lambda: self.models.add_tensors(name, params, task=data.task.name, source="init", parent=None,
+                                            deal_id=None, metrics={"epochs": 0.0}, now_ms=self.now_ms())  # fmt: skip
+        )
+        await self.gossip.join_family(version.family)
+        if epochs:
+            version = await self.train_model(version.ref, epochs=epochs)
+        return version
+
+    async def train_model(self, ref: str, *, epochs: int = 1) -> ModelVersion:
+        """Train a model on this node's shard for `epochs` epochs; store one new version."""
+        from node.evaluate import train_job
+        from node.models import ModelError
+
+        data = self._task_data()
+        version = self.models.get(ref)
+        if version.task != data.task.name:
+            raise ModelError(f"model {version.ref} is for task {version.task!r}; this node's task is {data.task.name!r}")
+        params = self.models.load_tensors(version)
+        done = int(version.metrics.get("epochs", 0))
+        for epoch in range(done, done + epochs):
+            params = await self.workers.run(
+                lambda device, params=params, epoch=epoch: train_job(
+                    data.task, params, data.train, epoch=epoch, seed=self.org_seed(), device=device
+                )
+            )
+        metrics = await self.workers.run(lambda device: data.task.evaluate(params, data.validation, device=device))
+        return await trio.to_thread.run_sync(
+            lambda: self.models.add_tensors(
+                version.name, params, task=version.task, source="train", parent=version.version, deal_id=None,
+                metrics={"epochs": float(done + epochs), "val_loss": metrics.loss, "val_accuracy": metrics.accuracy},
+                now_ms=self.now_ms(),
+            )  # fmt: skip
+        )
+
     def status(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id_text,
@@ -184,5 +277,8 @@ class Node:
             "peers": len(self.host.get_connected_peers()),
             "offers": len(self.gossip.book),
             "offers_rejected": self.metrics.rejected_by_reason(),
+            "models": len({v.name for v in self.models.list()}),
+            "deals_open": sum(1 for d in self.trades.deals.list() if not d.terminal),
+            "balance": sum(self.trades.ledger.balances().values()),
             "metrics_port": self.metrics.port,
         }

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS deals (
     role TEXT NOT NULL,
     state TEXT NOT NULL,
     offer_id BLOB NOT NULL,
+    offer BLOB NOT NULL,
     counterparty BLOB NOT NULL,
     terms BLOB NOT NULL,
     accept BLOB NOT NULL,

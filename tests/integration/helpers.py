@@ -9,7 +9,7 @@ import trio
 
 from node.config import Config
 from node.daemon import Node, NodeOptions
-from node.datadir import DataDir, init
+from node.datadir import DataDir, init, load_identity
 from protocol import limits
 from protocol.messages import UNSIGNED, Offer, PaymentTerms, sign_offer
 
@@ -72,3 +72,41 @@ def make_offer(
 
 def offer_ids(node: Node) -> set[bytes]:
     return {valid.offer_id for valid in node.gossip.book}
+
+
+def trading_config(*, index: int, orgs: int = 2, chunk_size: int = 64 * 1024) -> Config:
+    """A node of the digits task holding shard `index` of a complementary split."""
+    config = node_config()
+    config.task.name = "digits"
+    config.task.orgs = orgs
+    config.task.index = index
+    config.task.split = "complementary"
+    config.task.deduction = 0.1
+    config.task.seed = 0
+    config.transfer.chunk_size = chunk_size
+    config.workers.device = "cpu"
+    return config
+
+
+async def start_trading_node(
+    nursery: trio.Nursery, root: Path, name: str, *, index: int, orgs: int = 2, config: Config | None = None, **options: object
+) -> Node:
+    data_dir = DataDir(root / name)
+    identity = init(data_dir) if not data_dir.exists() else load_identity(data_dir)
+    node = Node(data_dir, config or trading_config(index=index, orgs=orgs), identity, NodeOptions(**options))  # type: ignore[arg-type]
+    await nursery.start(node.run)
+    return node
+
+
+async def wait_for_offer(node: Node, offer_id: bytes, timeout: float = 10.0) -> None:
+    await wait_until(lambda: offer_id in offer_ids(node), timeout, f"offer {offer_id.hex()[:12]}")
+
+
+async def wait_for_deal_end(node: Node, deal_id: bytes, timeout: float = 60.0) -> None:
+    """Wait until the node's deal is in a terminal state."""
+
+    def done() -> bool:
+        record = node.trades.deals.get(deal_id)
+        return record is not None and record.terminal
+
+    await wait_until(done, timeout, f"deal {deal_id.hex()[:12]} to end")

@@ -1,0 +1,299 @@
+"""The seller's side of a trade: answer bids, serve chunks, countersign receipts.
+
+Each handler reads only what its stream's limits allow and answers anything
+wrong with an `ErrorMessage` (or a signed `Reject` in a negotiation) before
+closing the stream, so a misbehaving buyer costs a stream, never the daemon.
+Chunks are served only to the buyer named in a signed deal, read from the
+offered file by range, without loading the model into memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from node.deals import LedgerConflict
+from node.streams import PeerError, StreamFailed, StreamIO
+from protocol import limits
+from protocol.codec import encode
+from protocol.deal import Deal, DealEvent, DealState, InvalidTransition
+from protocol.errors import Reason, RemoteProtocolError
+from protocol.framing import frame
+from protocol.ledger import check_receipt
+from protocol.manifest import chunk_bounds, chunk_count
+from protocol.messages import (
+    UNSIGNED,
+    Accept,
+    Bid,
+    ChunkHeader,
+    ChunkRequest,
+    Counter,
+    Offer,
+    Outcome,
+    Receipt,
+    Reject,
+    Role,
+    countersign_receipt,
+    sign_accept,
+    sign_counter,
+    sign_reject,
+    verify_receipt,
+)
+from protocol.negotiation import check_accept, check_first_bid, check_next_proposal
+from protocol.pricing import PricingPolicy, SellerPricing, seller_price
+
+if TYPE_CHECKING:
+    from node.trades import Trades
+
+logger = logging.getLogger(__name__)
+
+NEGOTIATION_TIMEOUT_S = 15.0
+REQUEST_TIMEOUT_S = 30.0
+# A buyer may fetch a deal's bytes this many times over (resumes and
+# re-fetches of bad chunks) before the seller stops serving it.
+MAX_SERVED_FACTOR = 4
+
+
+class Seller:
+    def __init__(self, trades: Trades) -> None:
+        self.trades = trades
+        self.sent: dict[bytes, set[int]] = {}
+        self.served_bytes: dict[bytes, int] = {}
+
+    # Negotiation -------------------------------------------------------------
+
+    async def serve_negotiation(self, stream: Any) -> None:
+        io = self.trades.stream_io(stream)
+        buyer = io.peer_id
+        try:
+            await self._negotiate(io, buyer)
+        except RemoteProtocolError as exc:
+            self.trades.log_peer_error("negotiation", buyer, exc)
+            await io.send_error(exc)
+        except (StreamFailed, PeerError) as exc:
+            logger.debug("Negotiation with %s ended: %s", buyer.hex()[-12:], exc)
+        finally:
+            await io.close()
+
+    async def _negotiate(self, io: StreamIO, buyer: bytes) -> None:
+        trades = self.trades
+        bid = await io.expect(Bid, timeout=NEGOTIATION_TIMEOUT_S)
+        published = trades.publisher.get(bid.terms.offer_id)
+        if published is None:
+            raise RemoteProtocolError(Reason.UNKNOWN_OFFER, "this node has no such offer")
+        now = trades.now_ms()
+        check_first_bid(bid, offer=published.offer, offer_id=published.offer_id, sender=buyer, now_ms=now)
+        machine = Deal(Role.SELLER, expires_ms=bid.terms.expires_ms)
+        market = trades.config.market
+        pricing = SellerPricing(
+            ask=published.offer.price,
+            reserve=published.reserve,
+            policy=PricingPolicy(market.pricing),
+            share=market.share,
+        )
+
+        last: Bid | Counter = bid
+        while True:
+            assert isinstance(last, Bid)
+            price = seller_price(pricing, last.terms.price)
+            credit = trades.ledger.balance_with(buyer) + trades.deals.exposure(buyer)
+            if price is not None and credit + price > market.credit_limit:
+                await self._reject(io, last, Reason.CREDIT_LIMIT, f"buyer would owe {credit + price}, the limit is {market.credit_limit}")
+                return
+            if price is None:
+                await self._reject(io, last, Reason.PRICE_BELOW_RESERVE, "the bid is below this seller's price")
+                return
+
+            if price == last.terms.price:
+                accept = sign_accept(last, trades.signer)
+                machine.apply(DealEvent.ACCEPT, trades.now_ms())
+                self._store_agreed(accept, published.offer, published.model, published.version)
+                await io.send(accept)
+                return
+
+            if last.round + 1 > limits.MAX_NEGOTIATION_ROUNDS:
+                await self._reject(io, last, Reason.TOO_MANY_ROUNDS, "no agreement within the round limit")
+                return
+            counter = sign_counter(dataclasses.replace(last.terms, price=price), last.round + 1, trades.signer)
+            machine.apply(DealEvent.COUNTER, trades.now_ms())
+            await io.send(counter)
+
+            reply = await io.read_message([Accept, Bid, Reject], timeout=NEGOTIATION_TIMEOUT_S)
+            if reply is None:
+                raise RemoteProtocolError(Reason.TRUNCATED, "the buyer closed the negotiation")
+            if isinstance(reply, Reject):
+                machine.apply(DealEvent.REJECT, trades.now_ms())
+                logger.info("Buyer %s rejected the counter of %d", buyer.hex()[-12:], price)
+                return
+            if isinstance(reply, Accept):
+                check_accept(reply, proposal=counter, sender=buyer)
+                machine.apply(DealEvent.ACCEPT, trades.now_ms())
+                self._store_agreed(reply, published.offer, published.model, published.version)
+                # Echo the accept, so the buyer knows this node holds the deal.
+                await io.send(reply)
+                return
+            check_next_proposal(reply, previous=counter, sender=buyer)
+            machine.apply(DealEvent.BID, trades.now_ms())
+            last = reply
+
+    async def _reject(self, io: StreamIO, proposal: Bid | Counter, reason: Reason, detail: str) -> None:
+        trades = self.trades
+        reject = sign_reject(
+            Reject(
+                proposal.terms.offer_id, proposal.terms.nonce, proposal.round, trades.signer.peer_id, reason, detail, UNSIGNED
+            ),
+            trades.signer,
+        )
+        logger.info("Rejected a bid of %d from %s: %s", proposal.terms.price, proposal.terms.buyer.hex()[-12:], detail)
+        await io.send(reject)
+
+    def _store_agreed(self, accept: Accept, offer: Offer, model: str, version: int) -> None:
+        trades = self.trades
+        trades.deals.insert(
+            role=Role.SELLER,
+            state=DealState.AGREED,
+            offer=offer,
+            terms=accept.terms,
+            accept=accept,
+            now_ms=trades.now_ms(),
+            model=model,
+            model_version=version,
+        )
+        logger.info(
+            "Deal %s agreed: selling offer %s to %s for %d",
+            accept.deal_id.hex()[:12], accept.terms.offer_id.hex()[:12], accept.terms.buyer.hex()[-12:], accept.terms.price,
+        )  # fmt: skip
+
+    # Transfer ---------------------------------------------------------------------
+
+    async def serve_transfer(self, stream: Any) -> None:
+        io = self.trades.stream_io(stream)
+        buyer = io.peer_id
+        try:
+            await self._transfer(io, buyer)
+        except RemoteProtocolError as exc:
+            self.trades.log_peer_error("transfer", buyer, exc)
+            await io.send_error(exc)
+        except StreamFailed as exc:
+            logger.debug("Transfer to %s stopped: %s", buyer.hex()[-12:], exc)
+        finally:
+            await io.close()
+
+    async def _transfer(self, io: StreamIO, buyer: bytes) -> None:
+        trades = self.trades
+        request = await io.expect(ChunkRequest, timeout=REQUEST_TIMEOUT_S)
+        deal = trades.deals.get(request.deal_id)
+        if deal is None or deal.role != Role.SELLER:
+            raise RemoteProtocolError(Reason.UNKNOWN_DEAL, "this node sells no such deal")
+        if deal.counterparty != buyer:
+            raise RemoteProtocolError(Reason.WRONG_PEER, "chunks are served only to the deal's buyer")
+        try:
+            trades.deals.apply(deal.deal_id, DealEvent.TRANSFER_STARTED, now_ms=trades.now_ms())
+        except InvalidTransition:
+            raise RemoteProtocolError(Reason.INVALID_STATE, f"the deal is {deal.state.value}") from None
+        current = trades.deals.get(deal.deal_id)
+        assert current is not None
+        if current.state is DealState.EXPIRED:
+            raise RemoteProtocolError(Reason.EXPIRED, "the deal expired before delivery")
+
+        published = trades.publisher.get(deal.offer_id)
+        if published is None:
+            raise RemoteProtocolError(Reason.INTERNAL, "the offered file is gone")
+        manifest = published.manifest
+        count = chunk_count(manifest.total_bytes, manifest.chunk_size)
+        for index in request.indices():
+            if index >= count:
+                raise RemoteProtocolError(Reason.UNKNOWN_CHUNK, f"chunk {index} is outside 0..{count - 1}")
+        served = self.served_bytes.get(deal.deal_id, 0)
+        if served > MAX_SERVED_FACTOR * manifest.total_bytes:
+            raise RemoteProtocolError(Reason.BUSY, "this deal's bytes were already served several times over")
+
+        if request.want_manifest:
+            await io.write(frame(published.manifest_bytes))
+        sent = self.sent.setdefault(deal.deal_id, set())
+        with open(published.path, "rb") as handle:
+            for index in request.indices():
+                begin, end = chunk_bounds(manifest, index)
+                data = await trio.to_thread.run_sync(os.pread, handle.fileno(), end - begin, begin)
+                data = trades.hooks.outgoing_chunk(deal.deal_id, index, data)
+                cut = trades.hooks.cut_chunk(deal.deal_id, index)
+                if cut is not None:
+                    await io.write(frame(encode(ChunkHeader(index, len(data)))) + data[:cut])
+                    await io.reset()
+                    return
+                await io.write(frame(encode(ChunkHeader(index, len(data)))) + data)
+                sent.add(index)
+                self.served_bytes[deal.deal_id] = self.served_bytes.get(deal.deal_id, 0) + len(data)
+        if len(sent) == count:
+            try:
+                trades.deals.apply(deal.deal_id, DealEvent.TRANSFER_DONE, now_ms=trades.now_ms())
+            except InvalidTransition:
+                pass  # settled meanwhile by a receipt on another stream
+
+    # Settlement ------------------------------------------------------------------
+
+    async def serve_settlement(self, stream: Any) -> None:
+        io = self.trades.stream_io(stream)
+        buyer = io.peer_id
+        try:
+            receipt = await io.expect(Receipt, timeout=REQUEST_TIMEOUT_S)
+            countersigned = self.settle(receipt, buyer)
+            await io.send(countersigned)
+        except RemoteProtocolError as exc:
+            self.trades.log_peer_error("settlement", buyer, exc)
+            await io.send_error(exc)
+        except StreamFailed as exc:
+            logger.debug("Settlement with %s failed: %s", buyer.hex()[-12:], exc)
+        finally:
+            await io.close()
+
+    def settle(self, receipt: Receipt, buyer: bytes) -> Receipt:
+        """Check a buyer's receipt, countersign it and record it; idempotent per deal."""
+        trades = self.trades
+        verify_receipt(receipt, require_countersigned=False)
+        deal = trades.deals.get(receipt.deal_id)
+        if deal is None or deal.role != Role.SELLER:
+            raise RemoteProtocolError(Reason.UNKNOWN_DEAL, "this node sold no such deal")
+        if receipt.buyer != buyer or deal.counterparty != buyer:
+            raise RemoteProtocolError(Reason.WRONG_PEER, "a receipt must come from the deal's buyer")
+        check_receipt(receipt, deal.terms)
+
+        existing = trades.ledger.entry_for_deal(deal.deal_id)
+        if existing is not None:
+            if existing.receipt.receipt_id == receipt.receipt_id:
+                return existing.receipt
+            raise RemoteProtocolError(Reason.DUPLICATE_RECEIPT, "another receipt is already recorded for this deal")
+
+        countersigned = countersign_receipt(receipt, trades.signer)
+        event = DealEvent.SIGN_PAID if receipt.outcome == Outcome.PAID else DealEvent.SIGN_REFUSAL
+        now = trades.now_ms()
+        try:
+            with trades.db.transaction() as connection:
+                trades.deals.apply(
+                    deal.deal_id,
+                    event,
+                    now_ms=now,
+                    connection=connection,
+                    receipt=countersigned,
+                    gain_ppm=receipt.gain_ppm,
+                    accuracy_delta_ppm=receipt.accuracy_delta_ppm,
+                    reason=receipt.reason.name.lower() if receipt.outcome == Outcome.REFUSED else "",
+                )
+                trades.ledger.append(connection, countersigned, now)
+        except InvalidTransition:
+            raise RemoteProtocolError(Reason.INVALID_STATE, f"the deal is {deal.state.value}") from None
+        except LedgerConflict as exc:
+            raise RemoteProtocolError(Reason.DUPLICATE_RECEIPT, str(exc)) from None
+        outcome = receipt.outcome.name.lower()
+        trades.metrics.trades.labels(role="seller", outcome=outcome).inc()
+        logger.info(
+            "Deal %s settled: %s %d by %s (gain %.4f)",
+            deal.deal_id.hex()[:12], outcome, receipt.amount, buyer.hex()[-12:], receipt.gain_ppm / limits.PPM,
+        )  # fmt: skip
+        self.sent.pop(deal.deal_id, None)
+        return countersigned
+
