@@ -23,8 +23,7 @@ import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -177,6 +176,7 @@ class Buyer:
                 if isinstance(reply, Accept):
                     check_accept(reply, proposal=proposal, sender=offer.seller)
                     return reply
+                assert isinstance(reply, Counter)
                 check_next_proposal(reply, previous=proposal, sender=offer.seller)
                 if not buyer_accepts(reply.terms.price, value):
                     reject = Reject(valid.offer_id, terms.nonce, reply.round, trades.signer.peer_id,
@@ -318,49 +318,67 @@ class Buyer:
         attempts: dict[int, int],
         progress: Progress,
     ) -> None:
-        trades = self.trades
-        io = await trades.open_stream(record.counterparty, trades.TRANSFER)
-        limit = trades.config.transfer.max_chunk_attempts
-        send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](4)
-
-        async def verify_and_store(receiver: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
-            async with receiver:
-                async for index, data in receiver:
-                    ok = await trio.to_thread.run_sync(self._verify_and_put, manifest, index, data)
-                    if ok:
-                        progress.chunks_done += 1
-                        progress.bytes_done += len(data)
-                        continue
-                    attempts[index] = attempts.get(index, 0) + 1
-                    logger.info("Chunk %d of deal %s failed its hash (attempt %d of %d)",
-                                index, record.deal_id.hex()[:12], attempts[index], limit)  # fmt: skip
-                    if attempts[index] >= limit:
-                        raise TradeFailed(
-                            Reason.CHUNK_HASH_MISMATCH,
-                            f"chunk {index} failed its hash {attempts[index]} times",
-                        )
-
+        """Request the missing chunks on one stream; store each that verifies."""
+        io = await self.trades.open_stream(record.counterparty, self.trades.TRANSFER)
         try:
             await io.send(ChunkRequest(record.deal_id, False, _ranges(missing)))
+            # The reader keeps draining the stream (a Yamux sender resets a
+            # stream that gets no window update for 5 s) while verifier tasks
+            # hash and write chunks in threads.
+            send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](4)
             async with trio.open_nursery() as nursery:
                 for _ in range(VERIFIERS):
-                    nursery.start_soon(verify_and_store, receive_channel.clone())
+                    nursery.start_soon(self._verify_chunks, record, manifest, receive_channel.clone(), attempts, progress)
                 receive_channel.close()
                 async with send_channel:
-                    for index in missing:
-                        header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S)
-                        begin, end = chunk_bounds(manifest, index)
-                        if header.index != index or header.size != end - begin:
-                            raise RemoteProtocolError(
-                                Reason.INVALID_FIELD,
-                                f"expected chunk {index} of {end - begin} bytes, got chunk {header.index} of {header.size}",
-                            )
-                        data = await io.read_exactly(header.size, CHUNK_TIMEOUT_S)
-                        progress.fetched += 1
-                        trades.hooks.received_chunk(record.deal_id, index)
-                        await send_channel.send((index, data))
+                    await self._read_chunks(io, record, manifest, missing, progress, send_channel)
+        except BaseExceptionGroup as group:
+            raise _most_telling(group) from None
         finally:
             await io.close()
+
+    async def _read_chunks(
+        self,
+        io: StreamIO,
+        record: DealRecord,
+        manifest: Manifest,
+        missing: list[int],
+        progress: Progress,
+        send_channel: trio.MemorySendChannel[tuple[int, bytes]],
+    ) -> None:
+        for index in missing:
+            header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S)
+            begin, end = chunk_bounds(manifest, index)
+            if header.index != index or header.size != end - begin:
+                raise RemoteProtocolError(
+                    Reason.INVALID_FIELD,
+                    f"expected chunk {index} of {end - begin} bytes, got chunk {header.index} of {header.size}",
+                )
+            data = await io.read_exactly(header.size, CHUNK_TIMEOUT_S)
+            progress.fetched += 1
+            self.trades.hooks.received_chunk(record.deal_id, index)
+            await send_channel.send((index, data))
+
+    async def _verify_chunks(
+        self,
+        record: DealRecord,
+        manifest: Manifest,
+        receiver: trio.MemoryReceiveChannel[tuple[int, bytes]],
+        attempts: dict[int, int],
+        progress: Progress,
+    ) -> None:
+        limit = self.trades.config.transfer.max_chunk_attempts
+        async with receiver:
+            async for index, data in receiver:
+                if await trio.to_thread.run_sync(self._verify_and_put, manifest, index, data):
+                    progress.chunks_done += 1
+                    progress.bytes_done += len(data)
+                    continue
+                attempts[index] = attempts.get(index, 0) + 1
+                logger.info("Chunk %d of deal %s failed its hash (attempt %d of %d)",
+                            index, record.deal_id.hex()[:12], attempts[index], limit)  # fmt: skip
+                if attempts[index] >= limit:
+                    raise TradeFailed(Reason.CHUNK_HASH_MISMATCH, f"chunk {index} failed its hash {attempts[index]} times")
 
     def _verify_and_put(self, manifest: Manifest, index: int, data: bytes) -> bool:
         """Runs in a thread: hash the chunk and store it if it matches."""
@@ -447,16 +465,17 @@ class Buyer:
                 lambda: trades.models.add_tensors(
                     local.name, evaluation.merged, task=local.task, source="merge", parent=local.version,
                     deal_id=record.deal_id, metrics=metrics, now_ms=trades.now_ms(),
-                )  # fmt: skip
+                )
             )
             model_name, model_version = version.name, version.version
         elif evaluation.decision == "outright":
             name = self._purchase_name(record)
             version = await trio.to_thread.run_sync(
                 lambda: trades.models.add_file(
-                    name, incoming, task=record.offer.task, source="purchase",
+                    # A partial offer is not a whole model of its task.
+                    name, incoming, task="" if record.offer.tensors else record.offer.task, source="purchase",
                     deal_id=record.deal_id, metrics=metrics, now_ms=trades.now_ms(),
-                )  # fmt: skip
+                )
             )
             model_name, model_version = version.name, version.version
         outcome = _outcome_for(record, evaluation.decision, evaluation.gain)
@@ -510,7 +529,7 @@ class Buyer:
             trades.signer,
         )
         event = DealEvent.SIGN_PAID if outcome == Outcome.PAID else DealEvent.SIGN_REFUSAL
-        fields: dict[str, object] = {"receipt": receipt, "gain_ppm": gain_ppm, "accuracy_delta_ppm": accuracy_delta_ppm}
+        fields: dict[str, Any] = {"receipt": receipt, "gain_ppm": gain_ppm, "accuracy_delta_ppm": accuracy_delta_ppm}
         if outcome == Outcome.REFUSED:
             fields.update(reason=reason.name.lower(), detail=detail)
         if model:
@@ -571,6 +590,29 @@ class Buyer:
         incoming.unlink(missing_ok=True)
         if manifest is not None:
             trades.chunks.remove([manifest.chunk_hashes[i : i + 32] for i in range(0, len(manifest.chunk_hashes), 32)])
+
+
+def _most_telling(group: BaseExceptionGroup) -> BaseException:
+    """The one exception of a task group that explains the failure best.
+
+    A failed deal outranks a protocol error, which outranks a broken stream
+    (which the other failures usually cause).
+    """
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for kind in (TradeFailed, RemoteProtocolError, PeerError, StreamFailed):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
 
 
 def _ranges(indices: list[int]) -> tuple[tuple[int, int], ...]:

@@ -9,6 +9,7 @@ API; `pmarket node start` runs one in the foreground.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from node.chunks import ChunkStore
 from node.config import Config
 from node.control import serve_control
 from node.datadir import DataDir, Identity
@@ -27,13 +29,12 @@ from node.gossip import OfferGossip
 from node.host import ConnectionEvents, Connector, build_host
 from node.logs import RateLimiter
 from node.metrics import Metrics
-from node.chunks import ChunkStore
 from node.models import ModelStore, ModelVersion
 from node.publish import OfferRequest, PublishedOffer, Publisher
 from node.store import Database
+from node.streams import InboundLimiter
 from node.trades import Trades
 from node.workers import WorkerPool
-from node.streams import InboundLimiter
 from protocol.identity import peer_id_to_text
 from protocol.messages import Offer
 from protocol.offers import ValidOffer
@@ -233,7 +234,7 @@ class Node:
         params = data.task.initial_params(self.org_seed() if seed is None else seed)
         version = await trio.to_thread.run_sync(
             lambda: self.models.add_tensors(name, params, task=data.task.name, source="init", parent=None,
-                                            deal_id=None, metrics={"epochs": 0.0}, now_ms=self.now_ms())  # fmt: skip
+                                            deal_id=None, metrics={"epochs": 0.0}, now_ms=self.now_ms())
         )
         await self.gossip.join_family(version.family)
         if epochs:
@@ -242,7 +243,6 @@ class Node:
 
     async def train_model(self, ref: str, *, epochs: int = 1) -> ModelVersion:
         """Train a model on this node's shard for `epochs` epochs; store one new version."""
-        from node.evaluate import train_job
         from node.models import ModelError
 
         data = self._task_data()
@@ -252,18 +252,16 @@ class Node:
         params = self.models.load_tensors(version)
         done = int(version.metrics.get("epochs", 0))
         for epoch in range(done, done + epochs):
-            params = await self.workers.run(
-                lambda device, params=params, epoch=epoch: train_job(
-                    data.task, params, data.train, epoch=epoch, seed=self.org_seed(), device=device
-                )
-            )
+            params = await self.workers.run(functools.partial(
+                _train_one_epoch, data.task, params, data.train, epoch, self.org_seed()
+            ))
         metrics = await self.workers.run(lambda device: data.task.evaluate(params, data.validation, device=device))
         return await trio.to_thread.run_sync(
             lambda: self.models.add_tensors(
                 version.name, params, task=version.task, source="train", parent=version.version, deal_id=None,
                 metrics={"epochs": float(done + epochs), "val_loss": metrics.loss, "val_accuracy": metrics.accuracy},
                 now_ms=self.now_ms(),
-            )  # fmt: skip
+            )
         )
 
     def status(self) -> dict[str, Any]:
@@ -282,3 +280,9 @@ class Node:
             "balance": sum(self.trades.ledger.balances().values()),
             "metrics_port": self.metrics.port,
         }
+
+
+def _train_one_epoch(task: Any, params: Any, shard: Any, epoch: int, seed: int, device: str) -> Any:
+    from node.evaluate import train_job
+
+    return train_job(task, params, shard, epoch=epoch, seed=seed, device=device)

@@ -331,6 +331,13 @@ class ModelStore:
         )
         return None if row is None else self._from_row(row)
 
+    def version_for_deal(self, deal_id: bytes) -> ModelVersion | None:
+        """Return the version a purchase created (merged or bought outright), or None."""
+        row = self._db.query_one(
+            f"SELECT {_COLUMNS} FROM models WHERE deal_id = ? ORDER BY rowid DESC LIMIT 1", (deal_id,)
+        )
+        return None if row is None else self._from_row(row)
+
     # Reading versions
 
     def export(self, ref: ModelVersion | str, dest: Path, *, overwrite: bool = False) -> Path:

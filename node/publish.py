@@ -121,13 +121,14 @@ class Publisher:
         manifest = self.models.read_manifest(version)
         all_names = [t.name for t in parse_header(manifest.header).tensors]
         chosen = select_tensors(all_names, request.tensors)
+        offered: tuple[str, ...] = ()
         if len(chosen) == len(all_names):
-            path, offered = version.path, ()
+            path = version.path
         else:
             if len(chosen) > limits.MAX_OFFER_TENSORS:
                 raise PublishError(f"{len(chosen)} tensors chosen; an offer lists at most {limits.MAX_OFFER_TENSORS}")
             path = self.models.subset_file(version, chosen)
-            manifest = _manifest_of_file(path, self.chunk_size)
+            manifest = self.models.subset_manifest(version, chosen)
             offered = tuple(chosen)
         if manifest.chunk_size != self.chunk_size and not offered:
             manifest = _manifest_of_file(path, self.chunk_size)

@@ -136,6 +136,7 @@ class Seller:
                 # Echo the accept, so the buyer knows this node holds the deal.
                 await io.send(reply)
                 return
+            assert isinstance(reply, Bid)
             check_next_proposal(reply, previous=counter, sender=buyer)
             machine.apply(DealEvent.BID, trades.now_ms())
             last = reply

@@ -22,7 +22,16 @@ from __future__ import annotations
 
 from protocol import limits
 from protocol.errors import Reason, RemoteProtocolError
-from protocol.messages import Accept, Bid, Counter, DealTerms, Offer, Role, verify_accept, verify_proposal
+from protocol.messages import (
+    Accept,
+    Bid,
+    Counter,
+    DealTerms,
+    Offer,
+    Role,
+    verify_accept,
+    verify_proposal,
+)
 
 
 def check_terms_match_offer(terms: DealTerms, offer: Offer, offer_id: bytes) -> None:

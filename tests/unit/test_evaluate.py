@@ -327,7 +327,7 @@ def test_local_task_data_bad_index() -> None:
         local_task_data(TaskSection(name="digits", orgs=2, index=2))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(
     task: DigitsTask, data: TaskData, local: dict[str, Tensor], peer: dict[str, Tensor], tmp_path: Path
 ) -> None:
@@ -349,7 +349,7 @@ def test_cuda_matches_cpu(
     assert all(tensor.device.type == "cpu" for tensor in on_gpu.merged.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_train_job_cuda_returns_cpu(
     task: DigitsTask, data: TaskData, local: dict[str, Tensor]
 ) -> None:
