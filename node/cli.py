@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def _data_dir_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--data-dir",
-        type=Path,
+        type=lambda text: Path(text).expanduser().absolute(),
         default=Path(os.environ["PMARKET_DATA_DIR"]) if os.environ.get("PMARKET_DATA_DIR") else default_data_dir(),
         help="the node's data directory (default: $PMARKET_DATA_DIR, else $XDG_DATA_HOME/pmarket "
         "or ~/.local/share/pmarket)",
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     init = commands.add_parser("init", parents=[data], help="create a data directory with a new identity")
+    init.add_argument("--task", default="", help="task this node trains and evaluates on, for example digits")
+    init.add_argument("--shard", default="0/1", metavar="INDEX/COUNT",
+                      help="which of COUNT organizations' data shards this node holds (default 0/1: all of it)")
+    init.add_argument("--split", choices=["iid", "complementary"], default="iid", help="how shards are cut (default iid)")
+    init.add_argument("--deduction", type=float, default=0.1,
+                      help="under a complementary split, the fraction of other organizations' classes a shard keeps")
+    init.add_argument("--seed", type=int, default=0, help="seed of the data split and of this node's initial weights")
     init.set_defaults(run=cmd_init)
 
     node = commands.add_parser("node", help="run or stop the daemon")
@@ -124,7 +132,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     from protocol.identity import peer_id_to_text
 
     data_dir = DataDir(args.data_dir)
+    match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if match is None or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise CommandError(f"--shard {args.shard!r} must be INDEX/COUNT with 0 <= INDEX < COUNT, for example 0/2")
     identity = init(data_dir)
+    if args.task:
+        from node.config import set_task
+
+        set_task(
+            data_dir.config,
+            name=args.task,
+            index=int(match.group(1)),
+            orgs=int(match.group(2)),
+            split=args.split,
+            deduction=args.deduction if args.split == "complementary" else 1.0,
+            seed=args.seed,
+        )
     console.print(f"Created {data_dir.root}")
     console.print(f"Peer ID: {peer_id_to_text(identity.peer_id)}")
     console.print(f"Edit {data_dir.config} to change settings, then run `pmarket node start --data-dir {data_dir.root}`.")

@@ -4,6 +4,7 @@ and loading with clear errors for bad values."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,26 @@ budget = 1000000
 # above this (0.0 merges any improvement).
 min_gain = 0.0
 """
+
+
+def set_task(path: Path, *, name: str, index: int, orgs: int, split: str, deduction: float, seed: int) -> None:
+    """Rewrite the [task] values of a config file written by `pmarket init`, keeping its comments."""
+    text = path.read_text(encoding="utf-8")
+    values = {
+        "name": f'"{name}"',
+        "orgs": str(orgs),
+        "index": str(index),
+        "split": f'"{split}"',
+        "deduction": repr(float(deduction)),
+        "seed": str(seed),
+    }
+    start = text.index("[task]")
+    end = text.find("\n[", start + 1)
+    section = text[start:end if end != -1 else len(text)]
+    for key, value in values.items():
+        section = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", section, count=1)
+    path.write_text(text[:start] + section + (text[end:] if end != -1 else ""), encoding="utf-8")
+    parse(path.read_text(encoding="utf-8"), str(path))
 
 
 def _section(cls: type[Any], name: str, values: Any) -> Any:
