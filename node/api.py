@@ -68,6 +68,15 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         views = [offer_view(v, node.gossip.received_ms.get(v.offer_id)) for v in live]
         return sorted(views, key=lambda v: (v["family"], v["seller"], v["offer_key"]))
 
+    async def connect(request: Request) -> Any:
+        body = await json_body(request)
+        address = _str(body, "address")
+        try:
+            peer = await node.connect(address)
+        except Exception as exc:  # py-libp2p and multiaddr raise many unrelated types
+            raise ApiError(400, f"cannot connect to {address}: {exc}") from None
+        return {"peer_id": str(peer)}
+
     async def stop(request: Request) -> Any:
         node.request_stop(delay=0.1)
         return {"stopping": True, "peer_id": node.peer_id_text}
@@ -76,6 +85,7 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         ("GET", "/v1/status", status),
         ("GET", "/v1/peers", peers),
         ("GET", "/v1/offers", offers),
+        ("POST", "/v1/connect", connect),
         ("POST", "/v1/stop", stop),
         *trade_routes(node),
     ]
@@ -227,7 +237,37 @@ def trade_routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitab
         balances = {peer_id_to_text(peer): amount for peer, amount in node.trades.ledger.balances().items()}
         return {"entries": node.trades.ledger.export(), "balances": balances, "earned": earned, "spent": spent, "chain": chain}
 
+    async def agent_round(request: Request) -> Any:
+        body = await json_body(request)
+        round_index = _int(body, "round") or 0
+        phase = _str(body, "phase", required=False, default="both")
+        try:
+            if phase == "prepare":
+                report = await node.agent.prepare(round_index)
+            elif phase == "trade":
+                report = await node.agent.trade(round_index)
+            elif phase == "both":
+                report = await node.agent.run_round(round_index)
+            else:
+                raise ApiError(400, f"phase {phase!r} must be prepare, trade or both")
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+        return report.view()
+
+    async def agent_status(request: Request) -> Any:
+        budget = node.agent.budget
+        return {
+            "enabled": node.config.agent.enabled,
+            "model": node.config.agent.model,
+            "rounds_traded": node.agent.rounds_done,
+            "budget": {"total": budget.total, "per_round": budget.per_round, "spent": budget.spent,
+                       "available": budget.available()},
+            "last_ask": node.agent.last_ask,
+        }
+
     return [
+        ("POST", "/v1/agent/round", agent_round),
+        ("GET", "/v1/agent", agent_status),
         ("GET", "/v1/models", models),
         ("POST", "/v1/models/import", import_model),
         ("POST", "/v1/models/export", export_model),

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NEGOTIATION_TIMEOUT_S = 15.0
+# Consecutive failed attempts to reach the seller before a transfer gives up
+# (the backoff between them grows to 10 s, so about a minute in all).
+MAX_TRANSFER_FAILURES = 8
 CHUNK_TIMEOUT_S = 30.0
 SETTLE_ATTEMPTS = 8
 VERIFIERS = 2  # chunks hashed and written in parallel threads
@@ -109,7 +112,7 @@ class Buyer:
         """Prices of this node's purchases that are agreed but not yet settled."""
         open_states = {
             DealState.AGREED, DealState.TRANSFERRING, DealState.EVALUATING, DealState.SETTLING_PAID,
-        }  # fmt: skip
+        }
         return sum(d.price for d in self.trades.deals.list(role=Role.BUYER, states=open_states))
 
     def check_budget(self, value: int) -> None:
@@ -133,7 +136,8 @@ class Buyer:
         value = offer.price if max_price is None else max_price
         if value < 0:
             raise BuyError(Reason.INVALID_FIELD, f"--max-price {value} must not be negative")
-        self.check_budget(value)
+        # Every agreed price is at most the ask, so that is the most this can cost.
+        self.check_budget(min(value, offer.price))
 
         accept = await self._negotiate(valid, value)
         record = trades.deals.insert(
@@ -142,7 +146,7 @@ class Buyer:
         logger.info(
             "Deal %s agreed: buying offer %s from %s for %d",
             record.deal_id.hex()[:12], valid.offer_id.hex()[:12], offer.seller.hex()[-12:], record.price,
-        )  # fmt: skip
+        )
         self.start(record.deal_id)
         return record
 
@@ -180,7 +184,7 @@ class Buyer:
                 check_next_proposal(reply, previous=proposal, sender=offer.seller)
                 if not buyer_accepts(reply.terms.price, value):
                     reject = Reject(valid.offer_id, terms.nonce, reply.round, trades.signer.peer_id,
-                                    Reason.PRICE_ABOVE_LIMIT, f"the limit is {value}", UNSIGNED)  # fmt: skip
+                                    Reason.PRICE_ABOVE_LIMIT, f"the limit is {value}", UNSIGNED)
                     await io.send(sign_reject(reject, trades.signer))
                     raise BuyError(
                         Reason.PRICE_ABOVE_LIMIT,
@@ -239,7 +243,7 @@ class Buyer:
         trades = self.trades
         try:
             trades.deals.apply(deal_id, DealEvent.TRANSFER_FAILED, now_ms=trades.now_ms(),
-                               reason=reason.name.lower(), detail=detail[:500])  # fmt: skip
+                               reason=reason.name.lower(), detail=detail[:500])
         except InvalidTransition:
             trades.deals.update(deal_id, now_ms=trades.now_ms(), reason=reason.name.lower(), detail=detail[:500])
         trades.metrics.trades.labels(role="buyer", outcome="failed").inc()
@@ -280,11 +284,13 @@ class Buyer:
                 if isinstance(exc, PeerError) and exc.reason in (Reason.UNKNOWN_DEAL, Reason.WRONG_PEER, Reason.EXPIRED):
                     raise TradeFailed(exc.reason, f"the seller stopped serving: {exc.detail}") from None
                 failures += 1
+                if failures >= MAX_TRANSFER_FAILURES:
+                    raise TradeFailed(Reason.TIMEOUT, f"the seller could not be reached {failures} times in a row: {exc}") from None
                 delay = min(0.5 * 2**failures, 10.0)
                 logger.info("Transfer of deal %s interrupted (%s); resuming in %.1f s", record.deal_id.hex()[:12], exc, delay)
                 await trio.sleep(delay)
         trades.deals.update(record.deal_id, now_ms=trades.now_ms(), chunks_total=progress.chunks_total,
-                            chunks_done=progress.chunks_done, bytes_done=manifest.total_bytes)  # fmt: skip
+                            chunks_done=progress.chunks_done, bytes_done=manifest.total_bytes)
         trades.deals.apply(record.deal_id, DealEvent.TRANSFER_DONE, now_ms=trades.now_ms())
 
     async def _fetch_manifest(self, record: DealRecord) -> Manifest:
@@ -307,7 +313,7 @@ class Buyer:
         if manifest.total_bytes != record.terms.total_bytes:
             raise TradeFailed(Reason.MANIFEST_MISMATCH, "the manifest's size differs from the deal's")
         trades.deals.update(record.deal_id, now_ms=trades.now_ms(), manifest=encode(manifest),
-                            chunks_total=chunk_count(manifest.total_bytes, manifest.chunk_size))  # fmt: skip
+                            chunks_total=chunk_count(manifest.total_bytes, manifest.chunk_size))
         return manifest
 
     async def _fetch_chunks(
@@ -376,7 +382,7 @@ class Buyer:
                     continue
                 attempts[index] = attempts.get(index, 0) + 1
                 logger.info("Chunk %d of deal %s failed its hash (attempt %d of %d)",
-                            index, record.deal_id.hex()[:12], attempts[index], limit)  # fmt: skip
+                            index, record.deal_id.hex()[:12], attempts[index], limit)
                 if attempts[index] >= limit:
                     raise TradeFailed(Reason.CHUNK_HASH_MISMATCH, f"chunk {index} failed its hash {attempts[index]} times")
 
@@ -418,7 +424,7 @@ class Buyer:
         if committed is not None:
             decision = "merge" if committed.source == "merge" else "outright"
             await self._sign(record, _outcome_for(record, decision, None), Reason.OK, model=committed.name,
-                             model_version=committed.version, gain=committed.metrics.get("gain"))  # fmt: skip
+                             model_version=committed.version, gain=committed.metrics.get("gain"))
             return
 
         local_tensors = trades.models.load_tensors(local) if local is not None else None
@@ -442,11 +448,11 @@ class Buyer:
             record.deal_id.hex()[:12], evaluation.decision,
             "n/a" if evaluation.gain is None else f"{evaluation.gain:.4f}",
             evaluation.accuracy_before, evaluation.accuracy_after,
-        )  # fmt: skip
+        )
 
         if evaluation.decision == "invalid":
             await self._sign(record, Outcome.REFUSED, evaluation.reason, detail="; ".join(evaluation.problems)[:500],
-                             gain=evaluation.gain, evaluation=evaluation)  # fmt: skip
+                             gain=evaluation.gain, evaluation=evaluation)
             return
 
         metrics = {
@@ -459,6 +465,9 @@ class Buyer:
             )
             if value is not None
         }
+        # A merge keeps training where the local model left off.
+        if evaluation.decision == "merge" and local is not None:
+            metrics["epochs"] = float(local.metrics.get("epochs", 0.0))
         model_name, model_version = "", None
         if evaluation.decision == "merge" and local is not None and evaluation.merged is not None:
             version = await trio.to_thread.run_sync(
@@ -481,7 +490,7 @@ class Buyer:
         outcome = _outcome_for(record, evaluation.decision, evaluation.gain)
         reason = Reason.OK if outcome == Outcome.PAID else Reason.GAIN_BELOW_MINIMUM
         await self._sign(record, outcome, reason, gain=evaluation.gain, evaluation=evaluation,
-                         model=model_name, model_version=model_version)  # fmt: skip
+                         model=model_name, model_version=model_version)
 
     def _purchase_name(self, record: DealRecord) -> str:
         """Name for weights bought outright: the offer key, unless a model of
@@ -536,7 +545,7 @@ class Buyer:
             fields.update(model=model, model_version=model_version)
         trades.deals.apply(record.deal_id, event, now_ms=trades.now_ms(), **fields)
         logger.info("Deal %s: signed a receipt that %s %d", record.deal_id.hex()[:12],
-                    "pays" if outcome == Outcome.PAID else "refuses, paying", receipt.amount)  # fmt: skip
+                    "pays" if outcome == Outcome.PAID else "refuses, paying", receipt.amount)
 
     # Settling ---------------------------------------------------------------------------
 
@@ -567,7 +576,7 @@ class Buyer:
                 logger.info("Settling deal %s failed (%s); retry %d in %.1f s", record.deal_id.hex()[:12], exc, attempt, delay)
                 await trio.sleep(delay)
         logger.warning("Deal %s is still unsettled after %d attempts; it resumes when the node restarts",
-                       record.deal_id.hex()[:12], SETTLE_ATTEMPTS)  # fmt: skip
+                       record.deal_id.hex()[:12], SETTLE_ATTEMPTS)
         return False
 
     def _record_settlement(self, record: DealRecord, countersigned: Receipt) -> None:
@@ -577,14 +586,14 @@ class Buyer:
             with trades.db.transaction() as connection:
                 trades.ledger.append(connection, countersigned, now)
                 trades.deals.apply(record.deal_id, DealEvent.COUNTERSIGNED, now_ms=now, connection=connection,
-                                   receipt=countersigned)  # fmt: skip
+                                   receipt=countersigned)
         except LedgerConflict as exc:
             logger.error("Deal %s: %s", record.deal_id.hex()[:12], exc)
             return
         outcome = countersigned.outcome.name.lower()
         trades.metrics.trades.labels(role="buyer", outcome=outcome).inc()
         logger.info("Deal %s settled: %s %d to %s", record.deal_id.hex()[:12], outcome, countersigned.amount,
-                    record.counterparty.hex()[-12:])  # fmt: skip
+                    record.counterparty.hex()[-12:])
         manifest = trades.deals.manifest_of(record)
         incoming = trades.data_dir.models / ".incoming" / f"{record.deal_id.hex()}.safetensors"
         incoming.unlink(missing_ok=True)

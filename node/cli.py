@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from devnet.network import DevnetError
 from node.client import ControlClient, ControlError
 from node.datadir import DataDir, DataDirError, default_data_dir
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_trade
 
     cli_trade.add_commands(commands, data, as_json)
+
+    # The devnet package builds on node; its commands join the same CLI.
+    from devnet import cli as devnet_cli
+
+    devnet_cli.add_commands(commands)
     return parser
 
 
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (CommandError, ControlError, DataDirError) as exc:
+    except (CommandError, ControlError, DataDirError, DevnetError) as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt:

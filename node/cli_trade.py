@@ -225,9 +225,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     rows = []
     for entry in ledger["entries"]:
         rows.append((entry["index"], entry["deal_id"][:12], short_peer(entry["seller"]), short_peer(entry["buyer"]),
-                     entry["outcome"], entry["amount"], f"{entry['gain_ppm'] / 1e4:+.2f}%", entry["entry_hash"][:12]))  # fmt: skip
+                     entry["outcome"], entry["amount"], f"{entry['gain_ppm'] / 1e4:+.2f}%", entry["entry_hash"][:12]))
     table(f"{len(rows)} ledger entries (chain {ledger['chain']})",
-          ["#", "deal", "seller", "buyer", "outcome", "amount", "gain", "hash"], rows)  # fmt: skip
+          ["#", "deal", "seller", "buyer", "outcome", "amount", "gain", "hash"], rows)
     balances = [(peer, amount) for peer, amount in sorted(ledger["balances"].items())]
     table("balance with each peer (positive: the peer owes this node)", ["peer", "balance"], balances)
     console.print(f"Earned {ledger['earned']}, spent {ledger['spent']}")

@@ -84,6 +84,39 @@ class MarketSection:
 
 
 @dataclass
+class AgentSection:
+    enabled: bool = False
+    round_s: float = 60.0
+    model: str = "model"
+    # Selling.
+    sell: bool = True
+    offer_start_round: int = 0
+    offer_every: int = 1
+    offer_on_improvement: bool = False
+    offer_tensors: list[str] = field(default_factory=list)
+    offer_expires_s: float = 3600.0
+    ask_policy: str = "fixed"
+    price: int = 20
+    min_price: int = 1
+    max_price: int = 1_000_000
+    cost_per_mib: float = 100.0
+    margin: float = 0.2
+    adapt_step: float = 0.2
+    terms: str = "delivery"
+    max_refusals: int = 0
+    competitors: list[str] = field(default_factory=list)
+    competitor_policy: str = "premium"
+    # Buying.
+    buy: bool = True
+    trade_start_round: int = 0
+    trade_every: int = 1
+    value_per_gain: float = 1000.0
+    prior_gain: float = 0.05
+    round_budget: int = 0
+    max_purchases_per_round: int = 0
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -93,6 +126,7 @@ class Config:
     task: TaskSection = field(default_factory=TaskSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     market: MarketSection = field(default_factory=MarketSection)
+    agent: AgentSection = field(default_factory=AgentSection)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -194,6 +228,60 @@ budget = 1000000
 # Merge bought weights only when the relative drop in validation loss is
 # above this (0.0 merges any improvement).
 min_gain = 0.0
+
+[agent]
+# The market agent trains this node's model and trades it round by round.
+# With enabled = true the node runs a round every round_s seconds on its
+# own; a devnet drives the rounds instead. The model is created from the
+# [task] section if it does not exist yet.
+enabled = false
+round_s = 60.0
+model = "model"
+
+# Selling: publish an offer for the current model from round
+# offer_start_round on, every offer_every rounds, or only after rounds in
+# which the model improved. offer_tensors limits offers to tensors matching
+# these patterns (empty: the whole model).
+sell = true
+offer_start_round = 0
+offer_every = 1
+offer_on_improvement = false
+offer_tensors = []
+offer_expires_s = 3600.0
+# Ask price: "fixed" (price), "cost" (MiB offered * cost_per_mib * (1 +
+# margin)) or "adaptive" (up by adapt_step after a round with sales, down
+# after one without, within min_price and max_price).
+ask_policy = "fixed"
+price = 20
+min_price = 1
+max_price = 1000000
+cost_per_mib = 100.0
+margin = 0.2
+adapt_step = 0.2
+# Payment terms of offers: "delivery", or "gain:MIN" to be paid only when
+# the buyer's measured gain reaches MIN.
+terms = "delivery"
+# Stop selling to a buyer after this many refused payments (0: never stop).
+max_refusals = 0
+# Peer IDs of competing organizations. "premium" adds the buyer's expected
+# gain, valued at this node's value_per_gain, to ask and reserve; "refuse"
+# does not sell to them.
+competitors = []
+competitor_policy = "premium"
+
+# Buying: trade from round trade_start_round on, every trade_every rounds.
+# An offer is worth (expected relative gain) * value_per_gain; the expected
+# gain starts from the seller's claimed validation loss (or prior_gain) and
+# moves to the gains measured on earlier purchases from that seller.
+buy = true
+trade_start_round = 0
+trade_every = 1
+value_per_gain = 1000.0
+prior_gain = 0.05
+# Most spent per round (0: only the [market] budget limits spending) and
+# most purchases per round (0: no limit).
+round_budget = 0
+max_purchases_per_round = 0
 """
 
 
@@ -260,6 +348,7 @@ def parse(text: str, source: str = "config") -> Config:
         "task": TaskSection,
         "transfer": TransferSection,
         "market": MarketSection,
+        "agent": AgentSection,
     }
     kwargs = {name: _section(section_types[name], name, document.get(name, {})) for name in sections}
     config = Config(**kwargs)
@@ -336,6 +425,17 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: [market] share and reserve_fraction must be in [0, 1]")
     if market.credit_limit < 0 or market.budget < 0:
         raise ConfigError(f"{source}: [market] credit_limit and budget must not be negative")
+    agent = config.agent
+    if agent.ask_policy not in ("fixed", "cost", "adaptive"):
+        raise ConfigError(f"{source}: [agent] ask_policy {agent.ask_policy!r} must be fixed, cost or adaptive")
+    if agent.competitor_policy not in ("premium", "refuse"):
+        raise ConfigError(f"{source}: [agent] competitor_policy {agent.competitor_policy!r} must be premium or refuse")
+    if agent.offer_every < 1 or agent.trade_every < 1:
+        raise ConfigError(f"{source}: [agent] offer_every and trade_every must be at least 1")
+    if agent.round_s <= 0 or agent.value_per_gain < 0 or agent.prior_gain < 0:
+        raise ConfigError(f"{source}: [agent] round_s must be positive, value_per_gain and prior_gain not negative")
+    if not 0 < agent.min_price <= agent.max_price:
+        raise ConfigError(f"{source}: [agent] min_price must be positive and at most max_price")
     device = config.workers.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: [workers] device {device!r} must be auto, cpu, cuda or cuda:N")

@@ -21,6 +21,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from node.agent import MarketAgent
 from node.chunks import ChunkStore
 from node.config import Config
 from node.control import serve_control
@@ -91,6 +92,7 @@ class Node:
             now_ms=self.now_ms,
             limiter=self.limiter,
         )
+        self.agent = MarketAgent(self)
         self.connector = Connector(
             self.host, [*config.node.bootstrap, *self.options.bootstrap], discover_from_peerstore=config.node.mdns
         )
@@ -132,6 +134,8 @@ class Node:
                         await self.gossip.join_family(family)
                     await nursery.start(self.trades.run)
                     nursery.start_soon(self.connector.run)
+                    if self.config.agent.enabled:
+                        nursery.start_soon(self.agent.run_forever)
                     if self.options.control:
                         await nursery.start(serve_control, self, self.data_dir.control_socket)
                     if self.config.metrics.prometheus:

@@ -212,7 +212,7 @@ class DealBook:
         allowed = {
             "state", "manifest", "chunks_total", "chunks_done", "bytes_done", "reason", "detail", "receipt",
             "gain_ppm", "accuracy_delta_ppm", "model", "model_version",
-        }  # fmt: skip
+        }
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"cannot update deal column(s) {', '.join(sorted(unknown))}")

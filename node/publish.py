@@ -165,7 +165,7 @@ class Publisher:
                 published.offer_id, version.name, version.version, offer.offer_key, offer.family, offer.seq,
                 encode(offer), str(path), encode(manifest), reserve, offer.created_ms, offer.expires_ms,
             ),
-        )  # fmt: skip
+        )
         return published
 
     def _last_seq(self, family: bytes, key: str) -> int:

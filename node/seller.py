@@ -23,6 +23,7 @@ from protocol.codec import encode
 from protocol.deal import Deal, DealEvent, DealState, InvalidTransition
 from protocol.errors import Reason, RemoteProtocolError
 from protocol.framing import frame
+from protocol.identity import peer_id_to_text
 from protocol.ledger import check_receipt
 from protocol.manifest import chunk_bounds, chunk_count
 from protocol.messages import (
@@ -44,7 +45,14 @@ from protocol.messages import (
     verify_receipt,
 )
 from protocol.negotiation import check_accept, check_first_bid, check_next_proposal
-from protocol.pricing import PricingPolicy, SellerPricing, seller_price
+from protocol.pricing import (
+    PricingPolicy,
+    SellerPricing,
+    competitor_terms,
+    expected_gain,
+    may_sell,
+    seller_price,
+)
 
 if TYPE_CHECKING:
     from node.trades import Trades
@@ -88,22 +96,35 @@ class Seller:
         now = trades.now_ms()
         check_first_bid(bid, offer=published.offer, offer_id=published.offer_id, sender=buyer, now_ms=now)
         machine = Deal(Role.SELLER, expires_ms=bid.terms.expires_ms)
-        market = trades.config.market
-        pricing = SellerPricing(
-            ask=published.offer.price,
-            reserve=published.reserve,
-            policy=PricingPolicy(market.pricing),
-            share=market.share,
-        )
+        market, agent = trades.config.market, trades.config.agent
+        ask, reserve = published.offer.price, published.reserve
+        if peer_id_to_text(buyer) in agent.competitors:
+            if agent.competitor_policy == "refuse":
+                await self._reject(io, bid, Reason.DECLINED, "this seller does not sell to competitors")
+                return
+            # A competitor's gain is this seller's loss: price it in.
+            ask, reserve = competitor_terms(
+                ask=ask, reserve=reserve, buyer_gain=self.expected_buyer_gain(buyer), value_per_gain=agent.value_per_gain
+            )
+        pricing = SellerPricing(ask=ask, reserve=reserve, policy=PricingPolicy(market.pricing), share=market.share)
 
         last: Bid | Counter = bid
         while True:
             assert isinstance(last, Bid)
             price = seller_price(pricing, last.terms.price)
-            credit = trades.ledger.balance_with(buyer) + trades.deals.exposure(buyer)
-            if price is not None and credit + price > market.credit_limit:
-                await self._reject(io, last, Reason.CREDIT_LIMIT, f"buyer would owe {credit + price}, the limit is {market.credit_limit}")
-                return
+            if price is not None:
+                why = may_sell(
+                    owed=trades.ledger.balance_with(buyer),
+                    outstanding=trades.deals.exposure(buyer),
+                    price=price,
+                    credit_limit=market.credit_limit,
+                    refusals=self.refusals(buyer),
+                    max_refusals=agent.max_refusals or None,
+                )
+                if why is not None:
+                    reason = Reason.CREDIT_LIMIT if "credit" in why else Reason.DECLINED
+                    await self._reject(io, last, reason, why)
+                    return
             if price is None:
                 await self._reject(io, last, Reason.PRICE_BELOW_RESERVE, "the bid is below this seller's price")
                 return
@@ -141,6 +162,21 @@ class Seller:
             machine.apply(DealEvent.BID, trades.now_ms())
             last = reply
 
+    def refusals(self, buyer: bytes) -> int:
+        """Receipts in which `buyer` refused to pay this node."""
+        return sum(
+            1 for deal in self.trades.deals.list(role=Role.SELLER, states={DealState.REFUSED}) if deal.counterparty == buyer
+        )
+
+    def expected_buyer_gain(self, buyer: bytes) -> float:
+        """The gain a buyer can expect from this node's weights, from the gains its receipts reported."""
+        reported = [
+            deal.gain_ppm / limits.PPM
+            for deal in self.trades.deals.list(role=Role.SELLER, states={DealState.PAID, DealState.REFUSED})
+            if deal.counterparty == buyer and deal.gain_ppm is not None
+        ]
+        return expected_gain(claimed=None, history=reported, prior=self.trades.config.agent.prior_gain)
+
     async def _reject(self, io: StreamIO, proposal: Bid | Counter, reason: Reason, detail: str) -> None:
         trades = self.trades
         reject = sign_reject(
@@ -167,7 +203,7 @@ class Seller:
         logger.info(
             "Deal %s agreed: selling offer %s to %s for %d",
             accept.deal_id.hex()[:12], accept.terms.offer_id.hex()[:12], accept.terms.buyer.hex()[-12:], accept.terms.price,
-        )  # fmt: skip
+        )
 
     # Transfer ---------------------------------------------------------------------
 
@@ -294,7 +330,7 @@ class Seller:
         logger.info(
             "Deal %s settled: %s %d by %s (gain %.4f)",
             deal.deal_id.hex()[:12], outcome, receipt.amount, buyer.hex()[-12:], receipt.gain_ppm / limits.PPM,
-        )  # fmt: skip
+        )
         self.sent.pop(deal.deal_id, None)
         return countersigned
 

@@ -295,7 +295,7 @@ async def publish_forged(seller: Node, buyer: Node, path: Path, family: bytes, t
     version = await trio.to_thread.run_sync(lambda: seller.models.import_file(path, name="forged", task="", now_ms=seller.now_ms()))
     published = await seller.publish(OfferRequest(model="forged", price=10))
     offer = sign_offer(dataclasses.replace(published.offer, family=family, task=task, seq=published.offer.seq + 1,
-                                           signature=UNSIGNED), seller.identity.signer)  # fmt: skip
+                                           signature=UNSIGNED), seller.identity.signer)
     seller.db.execute(
         "INSERT INTO published_offers SELECT ?, model, version, offer_key, ?, ?, ?, path, manifest, reserve, created_ms, expires_ms "
         "FROM published_offers WHERE offer_id = ?",
@@ -421,7 +421,7 @@ async def test_buyer_restart_resumes_transfer(nursery: trio.Nursery, tmp_path: P
     monkeypatch.setattr(buyer_module.Buyer, "_verify_and_put", slow_verify)
     record = await buyer.trades.buyer.buy(valid)
     await wait_until(lambda: buyer.trades.buyer.progress.get(record.deal_id, None) is not None
-                     and buyer.trades.buyer.progress[record.deal_id].chunks_done >= 8, what="eight chunks stored")  # fmt: skip
+                     and buyer.trades.buyer.progress[record.deal_id].chunks_done >= 8, what="eight chunks stored")
     stored_before = buyer.trades.buyer.progress[record.deal_id].chunks_done
     buyer.request_stop()
     await trio.sleep(0.5)

@@ -63,14 +63,14 @@ def test_first_bid_terms_must_copy_offer(field: str) -> None:
 def test_first_bid_for_other_offer() -> None:
     with pytest.raises(RemoteProtocolError) as error:
         check_first_bid(first_bid(offer_id=b"\x01" * 32), offer=offer(), offer_id=offer().offer_id,
-                        sender=BUYER.peer_id, now_ms=CREATED_MS)  # fmt: skip
+                        sender=BUYER.peer_id, now_ms=CREATED_MS)
     assert reason(error) == Reason.UNKNOWN_OFFER
 
 
 def test_first_bid_with_expired_deal() -> None:
     with pytest.raises(RemoteProtocolError) as error:
         check_first_bid(first_bid(expires_ms=CREATED_MS - 1), offer=offer(), offer_id=offer().offer_id,
-                        sender=BUYER.peer_id, now_ms=CREATED_MS)  # fmt: skip
+                        sender=BUYER.peer_id, now_ms=CREATED_MS)
     assert reason(error) == Reason.EXPIRED
 
 
@@ -78,7 +78,7 @@ def test_first_bid_with_far_expiry() -> None:
     far = CREATED_MS + limits.MAX_DEAL_LIFETIME_MS + 1
     with pytest.raises(RemoteProtocolError) as error:
         check_first_bid(first_bid(expires_ms=far), offer=offer(), offer_id=offer().offer_id,
-                        sender=BUYER.peer_id, now_ms=CREATED_MS)  # fmt: skip
+                        sender=BUYER.peer_id, now_ms=CREATED_MS)
     assert reason(error) == Reason.INVALID_FIELD
 
 
@@ -166,7 +166,7 @@ amounts = st.integers(0, 10**9)
 
 
 @given(ask=amounts, reserve_fraction=st.floats(0, 1), value=amounts, share=st.floats(0, 1),
-       policy=st.sampled_from(list(PricingPolicy)))  # fmt: skip
+       policy=st.sampled_from(list(PricingPolicy)))
 def test_agreed_price_between_reserve_and_value(
     ask: int, reserve_fraction: float, value: int, share: float, policy: PricingPolicy
 ) -> None:
