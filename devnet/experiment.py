@@ -249,7 +249,7 @@ def run_experiment(
 
 
 def result_json(result: ExperimentResult) -> dict[str, Any]:
-    """The report.json document (see README)."""
+    """Build the report.json document (its keys are listed in the README)."""
     last = result.rounds[-1] if result.rounds else []
     orgs = []
     for org in result.orgs:

@@ -57,7 +57,7 @@ class OrgProcess:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """What every organization's config.toml gets."""
+    """Settings written into every organization's config.toml."""
 
     task: str
     orgs: int

@@ -231,7 +231,7 @@ def write_summary_page(
 
 
 def _findings(grid: str, rows: list[tuple[Point, dict[str, Any]]]) -> str:
-    """One or two sentences read off the table: who gained, by how much, where trading stops paying."""
+    """Summarize a grid in one or two sentences: who gained, by how much, where trading stops paying."""
     complete = [(p, s) for p, s in rows if s["gain_points"] is not None]
     if not complete:
         return "No run of this grid completed."

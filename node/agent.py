@@ -262,7 +262,7 @@ class MarketAgent:
         return await self.trade(round_index, report)
 
     async def run_forever(self) -> None:
-        """The node's own train-and-trade loop: one round every `round_s` seconds."""
+        """Run the node's own train-and-trade loop: one round every `round_s` seconds."""
         round_index = 0
         while True:
             started = trio.current_time()

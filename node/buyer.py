@@ -602,7 +602,7 @@ class Buyer:
 
 
 def _most_telling(group: BaseExceptionGroup) -> BaseException:
-    """The one exception of a task group that explains the failure best.
+    """Pick the exception of a task group that explains the failure best.
 
     A failed deal outranks a protocol error, which outranks a broken stream
     (which the other failures usually cause).

@@ -154,7 +154,7 @@ class Seller:
                 check_accept(reply, proposal=counter, sender=buyer)
                 machine.apply(DealEvent.ACCEPT, trades.now_ms())
                 self._store_agreed(reply, published.offer, published.model, published.version)
-                # Echo the accept, so the buyer knows this node holds the deal.
+                # Echo the accept, so the buyer learns that this node stored the deal.
                 await io.send(reply)
                 return
             assert isinstance(reply, Bid)
@@ -169,7 +169,7 @@ class Seller:
         )
 
     def expected_buyer_gain(self, buyer: bytes) -> float:
-        """The gain a buyer can expect from this node's weights, from the gains its receipts reported."""
+        """Estimate a buyer's gain from this node's weights from the gains its receipts reported."""
         reported = [
             deal.gain_ppm / limits.PPM
             for deal in self.trades.deals.list(role=Role.SELLER, states={DealState.PAID, DealState.REFUSED})

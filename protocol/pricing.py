@@ -49,7 +49,7 @@ class SellerPricing:
 
 
 def seller_price(pricing: SellerPricing, value: int) -> int | None:
-    """The price a seller asks of a buyer whose bid (value) is `value`; None for no deal."""
+    """Return the seller's price for a buyer whose bid (its value) is `value`, or None for no deal."""
     if value < pricing.reserve:
         return None
     if pricing.policy is PricingPolicy.FIXED:
@@ -60,7 +60,7 @@ def seller_price(pricing: SellerPricing, value: int) -> int | None:
 
 
 def buyer_accepts(price: int, value: int) -> bool:
-    """A buyer accepts any price at or below its value."""
+    """Return whether a buyer takes `price`: any price at or below its value."""
     return 0 <= price <= value
 
 
@@ -68,7 +68,7 @@ def buyer_accepts(price: int, value: int) -> bool:
 
 
 def claimed_gain(own_loss: float | None, claimed_loss_ppm: int | None) -> float | None:
-    """The gain a seller's claimed validation loss suggests, or None.
+    """Return the gain a seller's claimed validation loss suggests, or None.
 
     Both losses are mean cross-entropy on each side's own validation data;
     the suggestion is the relative drop from this node's loss to the seller's,
@@ -88,7 +88,7 @@ def expected_gain(
     pseudo_count: float = 2.0,
     decay: float = 0.5,
 ) -> float:
-    """Expected relative gain from one more purchase of a seller's weights.
+    """Estimate the relative gain of one more purchase of a seller's weights.
 
     `history` holds the gains this node measured on earlier purchases from
     the same seller and family, oldest first. Their exponentially weighted
@@ -108,7 +108,7 @@ def expected_gain(
 
 
 def offer_value(gain: float, value_per_gain: float) -> int:
-    """What a purchase is worth: expected gain times the worth of a unit of gain."""
+    """Return a purchase's worth: expected gain times the worth of a unit of gain."""
     return max(0, int(gain * value_per_gain))
 
 
@@ -210,7 +210,7 @@ def ask_price(
     minimum: int = 1,
     maximum: int = 10**12,
 ) -> int:
-    """The ask of a new offer.
+    """Return the ask of a new offer.
 
     * fixed: `base`;
     * cost: transfer cost of the offered bytes plus a margin,

@@ -9,6 +9,7 @@ import sys
 # Benchmark name -> module under scripts.benchmarks with a `main(args) -> Result`.
 BENCHMARKS = {
     "protocol": "protocol_bench",
+    "devnet": "devnet_bench",
 }
 
 
