@@ -231,18 +231,20 @@ def load(root: Path) -> list[OrgProcess]:
 
 
 def is_ours(org: OrgProcess) -> bool:
-    """True when PID `org.pid` runs and is still the node this devnet started."""
-    try:
-        with open(f"/proc/{org.pid}/cmdline", "rb") as handle:
-            cmdline = handle.read().split(b"\0")
-    except OSError:
-        return False
+    """True when PID `org.pid` runs and is still the node this devnet started.
+
+    A node that exited is reaped here (it is this process's child), so no
+    zombie is left behind.
+    """
     try:
         with open(f"/proc/{org.pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                _reap(org.pid)
-                return False
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{org.pid}/cmdline", "rb") as handle:
+            cmdline = handle.read().split(b"\0")
     except (OSError, IndexError):
+        return False
+    if state == "Z":
+        _reap(org.pid)
         return False
     return org.data_dir.encode() in cmdline and b"node.cli" in cmdline
 

@@ -466,3 +466,56 @@ def test_peer_error_names_reason() -> None:
     error = PeerError(ErrorMessage(Reason.BUSY, "later"))
     assert error.reason == Reason.BUSY
     assert "busy" in str(error)
+
+
+async def test_competitor_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    seller, buyer = await pair(nursery, tmp_path)
+    seller.config.agent.competitors = [buyer.peer_id_text]
+    seller.config.agent.competitor_policy = "refuse"
+    valid = await offer_model(seller, buyer, price=100)
+    with pytest.raises(BuyError) as error:
+        await buyer.trades.buyer.buy(valid, max_price=1000)
+    assert error.value.reason == Reason.DECLINED
+    assert seller.trades.deals.list() == []
+
+
+async def test_competitor_pays_for_its_gain(nursery: trio.Nursery, tmp_path: Path) -> None:
+    seller, buyer = await pair(nursery, tmp_path, pricing="nash", share=0.5)
+    seller.config.agent.competitors = [buyer.peer_id_text]
+    seller.config.agent.competitor_policy = "premium"
+    seller.config.agent.prior_gain = 0.05
+    seller.config.agent.value_per_gain = 1000.0
+    valid = await offer_model(seller, buyer, price=100, reserve=60)
+    deal_id = await buy_and_wait(buyer, valid, max_price=300)
+    record = buyer.trades.deals.get(deal_id)
+    assert record is not None
+    # The seller's loss is 0.05 * 1000 = 50: reserve 110, ask 150, and the
+    # Nash split of the surplus up to the buyer's 300 is capped at the ask.
+    assert record.price == 150
+
+
+async def test_seller_stops_after_refusals(nursery: trio.Nursery, tmp_path: Path) -> None:
+    seller, buyer = await pair(nursery, tmp_path)
+    seller.config.agent.max_refusals = 1
+    await buyer.init_model("mlp", epochs=3)
+    mine = buyer.models.get("mlp")
+    path = tmp_path / "same.safetensors"
+    await trio.to_thread.run_sync(lambda: buyer.models.export(mine, path))
+    await trio.to_thread.run_sync(lambda: seller.models.import_file(path, name="mlp", task="digits", now_ms=seller.now_ms()))
+    first = await seller.publish(OfferRequest(model="mlp", price=10, payment=PaymentTerms.GAIN, min_gain_ppm=10_000))
+    await wait_for_offer(buyer, first.offer_id)
+    valid = buyer.gossip.book.get(first.offer_id)
+    assert valid is not None
+    deal_id = await buy_and_wait(buyer, valid)
+    refused = buyer.trades.deals.get(deal_id)
+    assert refused is not None
+    assert refused.state is DealState.REFUSED
+    await wait_for_deal_end(seller, deal_id)
+
+    second = await seller.publish(OfferRequest(model="mlp", price=10))
+    await wait_for_offer(buyer, second.offer_id)
+    again = buyer.gossip.book.get(second.offer_id)
+    assert again is not None
+    with pytest.raises(BuyError) as error:
+        await buyer.trades.buyer.buy(again)
+    assert error.value.reason == Reason.DECLINED
