@@ -20,6 +20,9 @@ Two runs, side by side:
   publishing at the same moment. What this run loses to GossipSub shows up
   as offers delivered late by the catch-up pull instead.
 
+`publish_interval_ms` spaces the publishes of one node, so with one offer
+per node the two runs differ only in when the nodes publish.
+
 Models are imported with the `pmarket model import` command. Offers are
 published with the control API request that `pmarket offer publish m
 --price 10` sends, made from this process, because 16 CLI processes
@@ -105,6 +108,8 @@ class Outcome:
     by_gossip: int = 0
     by_pull: int = 0
     rss_mib: list[float] = field(default_factory=list)  # one per node, after delivery
+    cpu_s: float = 0.0  # CPU time of all nodes together, from just before publishing until delivery
+    load: str = ""  # 1-minute load average just before publishing
     seconds: float = 0.0
 
     @property
@@ -156,6 +161,14 @@ class NodeProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def cpu_s(self) -> float:
+        """CPU time (user plus system) of the process so far, from /proc/PID/stat."""
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            # The fields after the command name, which is in brackets and may contain spaces.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self) -> float:
         """Resident memory of the process, from VmRSS in /proc/PID/status."""
@@ -434,8 +447,11 @@ def run_scenario(scenario: Scenario, root: Path, identities: Sequence[Path]) -> 
         progress(f"every node is connected to its bootstrap peers; waiting {MESH_HEARTBEATS} heartbeats")
         time.sleep(MESH_HEARTBEATS * HEARTBEAT_S)
         progress("publishing")
+        outcome.load = load_average()
+        cpu_before = sum(node.cpu_s() for node in cluster.nodes)
         cluster.publish()
         books, took = cluster.wait_delivered()
+        outcome.cpu_s = sum(node.cpu_s() for node in cluster.nodes) - cpu_before
         progress(f"read the offer books for {took:.1f} s after the last publish")
         measure(cluster, books, outcome)
     finally:
@@ -472,6 +488,8 @@ def row(outcome: Outcome) -> list[str]:
         p99,
         worst,
         f"{statistics.median(rss):.0f} MiB ({min(rss):.0f}-{max(rss):.0f})",
+        f"{outcome.cpu_s:.1f} s",
+        outcome.load,
     ]
 
 
@@ -522,6 +540,8 @@ def report(outcomes: list[Outcome], load: str, seconds: float) -> Result:
             "p99 latency",
             "max latency",
             "idle node RSS, median (min-max)",
+            "CPU time of all nodes, publish to delivery",
+            "load average at publish",
         ],
     )
     result.rows.extend(row(outcome) for outcome in outcomes)
@@ -531,11 +551,14 @@ def report(outcomes: list[Outcome], load: str, seconds: float) -> Result:
         f"Each run: {NODES} `pmarket node start` processes, each bootstrapped to 2-3 random earlier nodes "
         f"(seed {SEED}); {MESH_HEARTBEATS} heartbeats after the last bootstrap connection, every node "
         f"publishes one offer of its own 4 KiB model. Latency is `received_ms` minus `created_ms` over every "
-        f"delivered pair ({NODES} offers times {NODES - 1} other nodes), one machine clock. Offer books "
+        f"delivered pair ({NODES} offers times {NODES - 1} other nodes), one machine clock. "
+        f"`publish_interval_ms` spaces the publishes of one node, so with one offer per node the runs "
+        f"differ only in when the nodes publish. Offer books "
         f"are read until all are full or {DELIVERY_DEADLINE_S:g} s after publishing, which covers one "
         f"periodic catch-up pull (`sync_interval_s` 30 s, randomised by up to 20%). RSS is VmRSS of each "
         f"node after delivery, with its offers in the book and no trades. The {NODES} nodes share this "
-        f"machine's cores, and its 1-minute load average was {load} when the benchmark started. "
+        f"machine's cores with whatever else runs on it: the load average column is the 1-minute load "
+        f"average just before publishing, and it was {load} when the benchmark started. "
         f"The benchmark took {seconds:.0f} s: "
         + ", ".join(f"{o.scenario.name} run {o.seconds:.0f} s" for o in outcomes)
         + f", after {NODES} `pmarket init` processes."
