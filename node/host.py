@@ -20,7 +20,7 @@ drops is redialled the same way.
 
 mDNS: py-libp2p 0.8.1 advertises the host's listen addresses in the TXT
 records as they are, so a node listening on /ip4/0.0.0.0 would advertise
-an address on which a peer dials itself. `MdnsAddresses` gives the mDNS
+an address that makes a peer dial its own machine. `MdnsAddresses` gives the mDNS
 broadcaster this machine's interface addresses in place of a wildcard.
 mDNS writes the peers it finds into the peerstore from zeroconf's thread,
 so `Connector` tolerates a peerstore scan that races with such a write.
