@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from libp2p.peer.peerstore import PeerStoreError
 from starlette.requests import Request
 
 from node.control import ApiError, json_body
@@ -50,6 +51,16 @@ def parse_family(text: str | None) -> bytes | None:
     return family
 
 
+def stored_addrs(peerstore: Any, peer: Any) -> list[str]:
+    """Return the addresses the peerstore has for `peer`, or an empty list."""
+    try:
+        return [str(address) for address in peerstore.addrs(peer)]
+    except PeerStoreError:
+        # py-libp2p 0.8.1 raises this for a peer with no entry or expired
+        # addresses, which a peer that dialled this node can be.
+        return []
+
+
 def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any]]]]:
     async def status(request: Request) -> Any:
         return node.status()
@@ -58,7 +69,7 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         peerstore = node.host.get_peerstore()
         result = []
         for peer in node.host.get_connected_peers():
-            result.append({"peer_id": str(peer), "addrs": [str(a) for a in peerstore.addrs(peer)]})
+            result.append({"peer_id": str(peer), "addrs": stored_addrs(peerstore, peer)})
         return sorted(result, key=lambda p: p["peer_id"])
 
     async def offers(request: Request) -> Any:

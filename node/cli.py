@@ -205,6 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
         return EXIT_OK
+    accepted = ", ".join(f"{k} {v}" for k, v in sorted(status["offers_accepted"].items())) or "none"
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(status["offers_rejected"].items())) or "none"
     rows = [
         ("peer ID", status["peer_id"]),
@@ -214,6 +215,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("uptime", f"{status['uptime_s']:.0f} s"),
         ("peers", status["peers"]),
         ("offers in book", status["offers"]),
+        ("offers accepted", accepted),
         ("offers rejected", rejected),
     ]
     for key in ("models", "deals_open", "balance"):

@@ -278,6 +278,7 @@ class Node:
             "uptime_s": round(time.time() - self._started_at, 1),
             "peers": len(self.host.get_connected_peers()),
             "offers": len(self.gossip.book),
+            "offers_accepted": self.metrics.accepted_by_via(),
             "offers_rejected": self.metrics.rejected_by_reason(),
             "models": len({v.name for v in self.models.list()}),
             "deals_open": sum(1 for d in self.trades.deals.list() if not d.terminal),

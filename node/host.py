@@ -17,13 +17,21 @@ on, to peers that mDNS put in the peerstore: a pure `plan_dials` decides
 whom to dial from each peer's backoff, and a loop acts on it. A failed dial
 doubles the peer's backoff (1 s up to 60 s, with jitter); a connection that
 drops is redialled the same way.
+
+mDNS: py-libp2p 0.8.1 advertises the host's listen addresses in the TXT
+records as they are, so a node listening on /ip4/0.0.0.0 would advertise
+an address that makes a peer dial its own machine. `MdnsAddresses` gives the mDNS
+broadcaster this machine's interface addresses in place of a wildcard.
+mDNS writes the peers it finds into the peerstore from zeroconf's thread,
+so `Connector` tolerates a peerstore scan that races with such a write.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +43,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.rcmgr import new_resource_manager
 from libp2p.rcmgr.manager import ResourceLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -81,11 +90,66 @@ def build_host(identity: Identity, config: Config, listen: Iterable[str]) -> Any
     )
     network: Any = host.get_network()
     network.auto_connector.maybe_connect = _no_auto_connect
+    mdns = getattr(host, "mDNS", None)
+    if mdns is not None:
+        mdns.broadcaster.host = MdnsAddresses(host)
     return host
 
 
 async def _no_auto_connect() -> None:
     """Replaces py-libp2p's auto-connector step (see the module docstring)."""
+
+
+class MdnsAddresses:
+    """A view of the host for py-libp2p's mDNS broadcaster, with wildcard listen IPs replaced.
+
+    The broadcaster calls only `get_transport_addrs`, once, when mDNS starts
+    after the host listens, so the ports are the bound ones even for tcp/0.
+    """
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+
+    def get_transport_addrs(self) -> list[multiaddr.Multiaddr]:
+        addresses = advertised_addrs(self._host.get_transport_addrs(), interface_ips())
+        logger.info("Advertising %s by mDNS", ", ".join(str(a) for a in addresses) or "no addresses")
+        return addresses
+
+
+def interface_ips() -> list[str]:
+    """Return the IP addresses of the network interfaces in this process's network namespace."""
+    import ifaddr  # installed with zeroconf, which py-libp2p's mDNS uses
+
+    ips: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            # ifaddr gives an IPv6 address as (address, flowinfo, scope_id).
+            ips.append(ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip)
+    return ips
+
+
+def advertised_addrs(listen: Sequence[multiaddr.Multiaddr], ips: Iterable[str]) -> list[multiaddr.Multiaddr]:
+    """Expand each wildcard listen address (0.0.0.0 or ::) to one address per interface IP.
+
+    Loopback IPs are used only when the family has no other IP, because a
+    peer on another machine cannot reach them. IPv6 link-local IPs are left
+    out because dialling them needs a zone index. Addresses with a specific
+    IP are kept as they are.
+    """
+    usable = [ipaddress.ip_address(ip) for ip in ips]
+    usable = [ip for ip in usable if not ip.is_unspecified and not (ip.version == 6 and ip.is_link_local)]
+    result: list[multiaddr.Multiaddr] = []
+    for address in listen:
+        parts = str(address).split("/")  # "/ip4/0.0.0.0/tcp/4001" -> ["", "ip4", "0.0.0.0", "tcp", "4001"]
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6") or not ipaddress.ip_address(parts[2]).is_unspecified:
+            result.append(address)
+            continue
+        version = 4 if parts[1] == "ip4" else 6
+        family = [ip for ip in usable if ip.version == version]
+        chosen = [ip for ip in family if not ip.is_loopback] or family
+        for ip in chosen:
+            result.append(multiaddr.Multiaddr("/".join(["", parts[1], str(ip), *parts[3:]])))
+    return result
 
 
 class ConnectionEvents(INotifee):
@@ -173,11 +237,20 @@ class Connector:
     def _discover(self) -> None:
         """Add peers that mDNS wrote into the peerstore."""
         peerstore = self.host.get_peerstore()
-        for peer in peerstore.peers_with_addrs():
+        try:
+            peers = peerstore.peers_with_addrs()
+        except RuntimeError:
+            # mDNS adds peers from zeroconf's thread, which can change the
+            # peerstore's dict while this iterates it; the next tick retries.
+            return
+        for peer in peers:
             if peer != self.host.get_id() and peer not in self.wanted:
-                addrs = peerstore.addrs(peer)
+                try:
+                    addrs = peerstore.addrs(peer)
+                except PeerStoreError:  # the addresses expired since peers_with_addrs
+                    continue
                 if addrs:
-                    logger.info("Discovered peer %s at %s", peer, addrs[0])
+                    logger.info("Discovered peer %s at %s", peer, ", ".join(str(a) for a in addrs))
                     self.want(PeerInfo(peer, addrs))
 
     async def _dial(self, state: DialState) -> None:

@@ -35,11 +35,20 @@ class Metrics:
         self.port: int | None = None
 
     def rejected_by_reason(self) -> dict[str, int]:
+        return self.by_label(self.offers_rejected, "reason")
+
+    def accepted_by_via(self) -> dict[str, int]:
+        """Count accepted offers (new, or replacing an older sequence) by how each arrived: gossip, sync or local."""
+        return self.by_label(self.offers_accepted, "via")
+
+    def by_label(self, counter: Counter, label: str) -> dict[str, int]:
+        """Sum a labelled counter by the value of `label`."""
         counts: dict[str, int] = {}
-        for metric in self.offers_rejected.collect():
+        for metric in counter.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
-                    counts[sample.labels["reason"]] = int(sample.value)
+                    key = sample.labels[label]
+                    counts[key] = counts.get(key, 0) + int(sample.value)
         return counts
 
     def total(self, counter: Counter) -> int:

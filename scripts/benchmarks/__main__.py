@@ -9,6 +9,7 @@ import sys
 # Benchmark name -> module under scripts.benchmarks with a `main(args) -> Result`.
 BENCHMARKS = {
     "protocol": "protocol_bench",
+    "gossip": "gossip_bench",
     "devnet": "devnet_bench",
 }
 
@@ -31,7 +32,11 @@ def main(argv: list[str]) -> int:
     for name in args.names or list(BENCHMARKS):
         module = importlib.import_module(f"scripts.benchmarks.{BENCHMARKS[name]}")
         print(f"== {name}", flush=True)
-        result = module.main()
+        try:
+            result = module.main()
+        except KeyboardInterrupt:
+            print(f"Interrupted during the {name} benchmark; its figures were not recorded.", file=sys.stderr)
+            return 130
         command = f"./scripts/bench {name}"
         print(render(result, command))
         if not args.no_record:

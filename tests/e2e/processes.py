@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,18 @@ def _env() -> dict[str, str]:
 
 
 class Daemon:
-    """A `pmarket node start` process; always stopped by its PID."""
+    """A `pmarket node start` process; always stopped by its PID.
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    `prefix` runs the daemon through another command, such as
+    `ip netns exec NAME`, which must exec the daemon so that the PID stays
+    the daemon's.
+    """
+
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.log = open(data_dir / "stdout.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [*PMARKET, "node", "start", "--data-dir", str(data_dir), *extra],
+            [*prefix, *PMARKET, "node", "start", "--data-dir", str(data_dir), *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -68,6 +68,8 @@ def test_two_daemons_see_each_other(tmp_path: Path, daemons: list[Daemon]) -> No
     assert run_json("offers", "--data-dir", str(second)) == []
     table = run("peers", "--data-dir", str(second)).stdout
     assert status["peer_id"] in table
+    status_table = run("status", "--data-dir", str(second)).stdout
+    assert "offers accepted" in status_table
 
     stopped = run_json("node", "stop", "--data-dir", str(second))
     assert stopped["stopping"] is True

@@ -38,6 +38,8 @@ async def test_offer_crosses_line(nursery: trio.Nursery, tmp_path: Path) -> None
     await wait_until(lambda: offer.offer_id in offer_ids(c), what="offer at C")
     assert offer.offer_id in offer_ids(b)
     assert c.gossip.received_ms[offer.offer_id] >= offer.created_ms
+    assert a.status()["offers_accepted"] == {"local": 1}
+    assert c.status()["offers_accepted"] == {"gossip": 1}
 
 
 async def test_newer_sequence_replaces_older(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -110,6 +112,7 @@ async def test_late_joiner_catches_up(nursery: trio.Nursery, tmp_path: Path) -> 
     await d.connect(b.addrs()[0])
     await wait_until(lambda: offer_ids(d) == offer_ids(b), timeout=5.0, what="D's book to match B's")
     assert d.metrics.total(d.metrics.offers_accepted) == 5
+    assert d.status()["offers_accepted"] == {"sync": 5}
 
 
 async def test_cut_node_catches_up(nursery: trio.Nursery, tmp_path: Path) -> None:
