@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     stop = node_commands.add_parser("stop", parents=[data, as_json], help="stop the running daemon")
     stop.set_defaults(run=cmd_node_stop)
 
+    connect = commands.add_parser("connect", parents=[data, as_json], help="connect the daemon to a peer")
+    connect.add_argument("address", metavar="MULTIADDR", help="the peer's full address, ending in /p2p/<peer ID>")
+    connect.set_defaults(run=cmd_connect)
+
     status = commands.add_parser("status", parents=[data, as_json], help="show the daemon's identity and counts")
     status.set_defaults(run=cmd_status)
     peers = commands.add_parser("peers", parents=[data, as_json], help="list connected peers")
@@ -198,6 +202,15 @@ def _wait_for_exit(data_dir: DataDir, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise CommandError(f"the daemon for {data_dir.root} did not stop within {timeout:g} s")
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    result = client_for(args).post("/v1/connect", {"address": args.address})
+    if args.json:
+        print_json(result)
+    else:
+        console.print(f"Connected to {result['peer_id']}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -78,6 +78,21 @@ def test_two_daemons_see_each_other(tmp_path: Path, daemons: list[Daemon]) -> No
     assert result.returncode == 1
 
 
+def test_connect_command(tmp_path: Path, daemons: list[Daemon]) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for data_dir in (first, second):
+        run("init", "--data-dir", str(data_dir))
+        daemons.append(Daemon(data_dir))
+    status = daemons[0].wait_ready()
+    daemons[1].wait_ready()
+    connected = run_json("connect", status["addrs"][0], "--data-dir", str(second))
+    assert connected["peer_id"] == status["peer_id"]
+    assert [p["peer_id"] for p in run_json("peers", "--data-dir", str(second))] == [status["peer_id"]]
+    bad = run("connect", "/ip4/127.0.0.1/tcp/1", "--data-dir", str(second), check=False)
+    assert bad.returncode == 1
+    assert "/ip4/127.0.0.1/tcp/1" in bad.stderr
+
+
 def test_restart_keeps_peer_id(tmp_path: Path, daemons: list[Daemon]) -> None:
     data_dir = tmp_path / "node"
     run("init", "--data-dir", str(data_dir))
