@@ -84,14 +84,23 @@ def settings_for(point: Point, *, seed: int, rounds: int, folder: Path) -> Exper
     return dataclasses.replace(base, agent=agent, **changes)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     orgs = report["orgs"]
-    gains = [100 * (o["trading_accuracy"] - o["siloed_accuracy"]) for o in orgs if o["trading_accuracy"] is not None]
+    gains = [
+        100 * (o["trading_accuracy"] - o["siloed_accuracy"])
+        for o in orgs
+        if o["trading_accuracy"] is not None and o["siloed_accuracy"] is not None
+    ]
     paid = [t for t in report["trades"] if t.get("state") == "paid"]
     return {
         "status": report["status"],
-        "siloed": statistics.mean(o["siloed_accuracy"] for o in orgs) if orgs else None,
-        "trading": statistics.mean(o["trading_accuracy"] for o in orgs) if orgs and orgs[0]["trading_accuracy"] is not None else None,
+        "siloed": _mean([o["siloed_accuracy"] for o in orgs]),
+        "trading": _mean([o["trading_accuracy"] for o in orgs]),
         "centralized": report["centralized_accuracy"],
         "gain_points": statistics.mean(gains) if gains else None,
         "min_gain_points": min(gains) if gains else None,
@@ -180,11 +189,25 @@ def run_sweep(grids: Sequence[str], *, seeds: Sequence[int], rounds: int, report
         (report_dir / grid).mkdir(parents=True, exist_ok=True)
         (report_dir / grid / "table.md").write_text(grid_table(grid, rows))
         grid_plot(grid, rows, report_dir / grid / "plot.png")
-    data = {grid: [{"setting": p.label, **s} for p, s in rows] for grid, rows in results.items()}
-    (report_dir / "sweep.json").write_text(json.dumps(data, indent=2))
+    # Grids run earlier into the same folder stay in sweep.json and the page.
+    saved = report_dir / "sweep.json"
+    data: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
+    data.update({grid: [{"setting": p.label, **s} for p, s in rows] for grid, rows in results.items()})
+    saved.write_text(json.dumps(data, indent=2))
     if docs is not None:
-        write_summary_page(docs, results, seeds=seeds, rounds=rounds, report_dir=report_dir)
+        everything = {
+            grid: [(_point(grid, row["setting"]), row) for row in rows] for grid, rows in data.items() if grid in GRIDS
+        }
+        ordered = {grid: everything[grid] for grid in GRIDS if grid in everything}
+        write_summary_page(docs, ordered, seeds=seeds, rounds=rounds, report_dir=report_dir)
     return data
+
+
+def _point(grid: str, label: str) -> Point:
+    for point in GRIDS[grid][1]:
+        if point.label == label:
+            return point
+    return Point(label, {})
 
 
 def _mean_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,8 +235,8 @@ def write_summary_page(
     lines = [
         "# When trading pays: the devnet sweep",
         "",
-        f"Written by `pmarket devnet sweep --grid {' --grid '.join(results)} --seeds {' '.join(str(s) for s in seeds)} "
-        f"--rounds {rounds}` on {stamp}, from real devnet runs (node processes on 127.0.0.1, the full trade path). "
+        f"Written by `pmarket devnet sweep --seeds {' '.join(str(s) for s in seeds)} --rounds {rounds}` "
+        f"(grid by grid: {', '.join(results)}), last run on {stamp}, from real devnet runs (node processes on 127.0.0.1, the full trade path). "
         f"Seeds: {seeds_text}. Per-run reports are under `{report_dir}` on the machine that ran it.",
         "",
         "Each grid changes one setting of the default run: 4 organizations on the digits task, a complementary split "

@@ -220,13 +220,15 @@ class MarketAgent:
 
     async def _buy(self, valid: ValidOffer, candidate: Candidate, report: RoundReport) -> None:
         node = self.node
-        reserved = candidate.most_it_costs
-        if not self.budget.fits(reserved):
-            return
-        self.budget.charge(reserved)
         # The bid states this node's value, which the Nash split needs, but
-        # never more than the budget could pay.
-        bid = min(candidate.value, self.budget.available() + reserved)
+        # never more than the budget could pay. It is also the most the
+        # purchase can cost (a seller may ask more than its public ask, of a
+        # competitor), so the whole bid is held until the deal ends.
+        bid = min(candidate.value, self.budget.available())
+        if bid <= 0:
+            return
+        reserved = bid
+        self.budget.charge(reserved)
         entry: dict[str, Any] = {"offer_id": valid.offer_id.hex(), "seller": peer_id_to_text(valid.offer.seller),
                                  "ask": candidate.ask, "value": candidate.value, "bid": bid}
         try:
