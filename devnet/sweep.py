@@ -194,6 +194,12 @@ def run_sweep(grids: Sequence[str], *, seeds: Sequence[int], rounds: int, report
     data: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
     data.update({grid: [{"setting": p.label, **s} for p, s in rows] for grid, rows in results.items()})
     saved.write_text(json.dumps(data, indent=2))
+    for grid, rows in data.items():
+        if grid in GRIDS and grid not in results:
+            points = [(_point(grid, row["setting"]), row) for row in rows]
+            (report_dir / grid).mkdir(parents=True, exist_ok=True)
+            (report_dir / grid / "table.md").write_text(grid_table(grid, points))
+            grid_plot(grid, points, report_dir / grid / "plot.png")
     if docs is not None:
         everything = {
             grid: [(_point(grid, row["setting"]), row) for row in rows] for grid, rows in data.items() if grid in GRIDS
@@ -237,7 +243,8 @@ def write_summary_page(
         "",
         f"Written by `pmarket devnet sweep --seeds {' '.join(str(s) for s in seeds)} --rounds {rounds}` "
         f"(grid by grid: {', '.join(results)}), last run on {stamp}, from real devnet runs (node processes on 127.0.0.1, the full trade path). "
-        f"Seeds: {seeds_text}. Per-run reports are under `{report_dir}` on the machine that ran it.",
+        f"Seeds: {seeds_text}. Each run's report.json, report.md and report.png are written under the sweep's "
+        "report folder (`reports/sweep/<grid>/` by default).",
         "",
         "Each grid changes one setting of the default run: 4 organizations on the digits task, a complementary split "
         "with deduction 0.1, 10 rounds, every organization trading every round from round 0 with weight matching on, "
@@ -269,6 +276,13 @@ def _findings(grid: str, rows: list[tuple[Point, dict[str, Any]]]) -> str:
     sentence += f" Not worth it: {', '.join(not_worth)}." if not_worth else " Trading was worth it at every setting."
     if losers:
         sentence += f" Some organization ended below its siloed accuracy at: {', '.join(losers)}."
+    balances = []
+    for point, summary in complete:
+        nets = list(summary.get("net_credits", {}).values())
+        if nets and summary["trades_paid"]:
+            balances.append(f"{point.label} {min(nets):+d} to {max(nets):+d}")
+    if balances:
+        sentence += " Net credits per organization, earned minus spent, from lowest to highest: " + "; ".join(balances) + "."
     return sentence
 
 
@@ -279,11 +293,13 @@ def add_command(commands: Any) -> None:
     sweep.add_argument("--rounds", type=int, default=10, help="rounds per run (default 10)")
     sweep.add_argument("--report-dir", type=Path, default=Path("reports/sweep"), help="folder for per-run reports and grid tables")
     sweep.add_argument("--docs", type=Path, help="also write the summary page here (for example docs/experiments.md)")
+    sweep.add_argument("--render", action="store_true",
+                       help="run nothing; rewrite the tables, plots and page from REPORT_DIR/sweep.json")
     sweep.set_defaults(run=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    grids = args.grid or list(GRIDS)
+    grids = [] if args.render else (args.grid or list(GRIDS))
     run_sweep(grids, seeds=args.seeds, rounds=args.rounds, report_dir=args.report_dir.absolute(), docs=args.docs)
     console.print(f"Tables and plots in {args.report_dir}/<grid>/" + (f"; summary in {args.docs}" if args.docs else ""))
     return 0
