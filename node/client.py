@@ -41,7 +41,7 @@ class ControlClient:
         except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
             raise NoDaemon(self._no_daemon_message()) from None
         except httpx.TimeoutException:
-            raise ControlError(f"the daemon for {self.data_dir.root} did not answer {method} {path} in time") from None
+            raise ControlError(f"the daemon for {self.data_dir.root} did not respond to {method} {path} in time") from None
         try:
             body = response.json()
         except ValueError:
