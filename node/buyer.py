@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.deals import DealRecord, LedgerConflict
-from node.streams import PeerError, StreamFailed, StreamIO
+from node.streams import PeerError, StreamFailed, StreamIO, most_telling
 from protocol import limits
 from protocol.codec import decode, encode
 from protocol.deal import DealEvent, DealState, InvalidTransition
@@ -72,6 +72,10 @@ MAX_TRANSFER_FAILURES = 8
 CHUNK_TIMEOUT_S = 30.0
 SETTLE_ATTEMPTS = 8
 VERIFIERS = 2  # chunks hashed and written in parallel threads
+QUEUED_CHUNKS = 4  # chunks read and waiting for a verifier
+# A ChunkHeader frame takes at most 14 bytes, so reading 64 bytes for one
+# leaves the chunk's data in the stream, to be copied once, by `read_into`.
+HEADER_READ_SIZE = 64
 
 
 class BuyError(Exception):
@@ -325,19 +329,29 @@ class Buyer:
         progress: Progress,
     ) -> None:
         """Request the missing chunks on one stream; store each that verifies."""
+        ranges = _ranges(missing)
+        requested = [index for first, count in ranges for index in range(first, first + count)]
+        buffer_size = min(manifest.chunk_size, manifest.total_bytes)
+        buffers = min(VERIFIERS + QUEUED_CHUNKS + 1, len(requested))
         io = await self.trades.open_stream(record.counterparty, self.trades.TRANSFER)
         try:
-            await io.send(ChunkRequest(record.deal_id, False, _ranges(missing)))
+            await io.send(ChunkRequest(record.deal_id, False, ranges))
             # The reader keeps draining the stream (a Yamux sender resets a
-            # stream that gets no window update for 5 s) while verifier tasks
-            # hash and write chunks in threads.
-            send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](4)
+            # stream that gets no window update for a while) while verifier
+            # tasks hash and write chunks in threads. Chunks travel in a fixed
+            # set of buffers, which bounds the memory a transfer takes.
+            free_send, free_receive = trio.open_memory_channel[bytearray](buffers)
+            for _ in range(buffers):
+                free_send.send_nowait(bytearray(buffer_size))
+            send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytearray, int]](QUEUED_CHUNKS)
             async with trio.open_nursery() as nursery:
                 for _ in range(VERIFIERS):
-                    nursery.start_soon(self._verify_chunks, record, manifest, receive_channel.clone(), attempts, progress)
+                    nursery.start_soon(
+                        self._verify_chunks, record, manifest, receive_channel.clone(), free_send, attempts, progress
+                    )
                 receive_channel.close()
                 async with send_channel:
-                    await self._read_chunks(io, record, manifest, missing, progress, send_channel)
+                    await self._read_chunks(io, record, manifest, requested, progress, send_channel, free_receive)
         except BaseExceptionGroup as group:
             raise _most_telling(group) from None
         finally:
@@ -348,37 +362,43 @@ class Buyer:
         io: StreamIO,
         record: DealRecord,
         manifest: Manifest,
-        missing: list[int],
+        requested: list[int],
         progress: Progress,
-        send_channel: trio.MemorySendChannel[tuple[int, bytes]],
+        send_channel: trio.MemorySendChannel[tuple[int, bytearray, int]],
+        free_buffers: trio.MemoryReceiveChannel[bytearray],
     ) -> None:
-        for index in missing:
-            header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S)
+        """Read each requested chunk into a free buffer and queue it for a verifier."""
+        for index in requested:
+            header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S, read_size=HEADER_READ_SIZE)
             begin, end = chunk_bounds(manifest, index)
             if header.index != index or header.size != end - begin:
                 raise RemoteProtocolError(
                     Reason.INVALID_FIELD,
                     f"expected chunk {index} of {end - begin} bytes, got chunk {header.index} of {header.size}",
                 )
-            data = await io.read_exactly(header.size, CHUNK_TIMEOUT_S)
+            buffer = await free_buffers.receive()
+            await io.read_into(memoryview(buffer)[: header.size], CHUNK_TIMEOUT_S)
             progress.fetched += 1
             self.trades.hooks.received_chunk(record.deal_id, index)
-            await send_channel.send((index, data))
+            await send_channel.send((index, buffer, header.size))
 
     async def _verify_chunks(
         self,
         record: DealRecord,
         manifest: Manifest,
-        receiver: trio.MemoryReceiveChannel[tuple[int, bytes]],
+        receiver: trio.MemoryReceiveChannel[tuple[int, bytearray, int]],
+        free_buffers: trio.MemorySendChannel[bytearray],
         attempts: dict[int, int],
         progress: Progress,
     ) -> None:
         limit = self.trades.config.transfer.max_chunk_attempts
         async with receiver:
-            async for index, data in receiver:
-                if await trio.to_thread.run_sync(self._verify_and_put, manifest, index, data):
+            async for index, buffer, size in receiver:
+                stored = await trio.to_thread.run_sync(self._verify_and_put, manifest, index, memoryview(buffer)[:size])
+                free_buffers.send_nowait(buffer)
+                if stored:
                     progress.chunks_done += 1
-                    progress.bytes_done += len(data)
+                    progress.bytes_done += size
                     continue
                 attempts[index] = attempts.get(index, 0) + 1
                 logger.info("Chunk %d of deal %s failed its hash (attempt %d of %d)",
@@ -386,13 +406,13 @@ class Buyer:
                 if attempts[index] >= limit:
                     raise TradeFailed(Reason.CHUNK_HASH_MISMATCH, f"chunk {index} failed its hash {attempts[index]} times")
 
-    def _verify_and_put(self, manifest: Manifest, index: int, data: bytes) -> bool:
+    def _verify_and_put(self, manifest: Manifest, index: int, data: bytes | memoryview) -> bool:
         """Runs in a thread: hash the chunk and store it if it matches."""
         try:
-            digest = verify_chunk(manifest, index, data)
+            verify_chunk(manifest, index, data)
         except RemoteProtocolError:
             return False
-        self.trades.chunks.put(digest, data)
+        self.trades.chunks.put(manifest, index, data)
         return True
 
     # Evaluating ------------------------------------------------------------------------
@@ -427,14 +447,13 @@ class Buyer:
                              model_version=committed.version, gain=committed.metrics.get("gain"))
             return
 
-        local_tensors = trades.models.load_tensors(local) if local is not None else None
         min_gain = trades.config.market.min_gain
         align = trades.config.task.align
 
         def job(device: str):  # type: ignore[no-untyped-def]
             return evaluate_delivery(
                 incoming,
-                local=local_tensors,
+                local=trades.models.load_tensors(local) if local is not None else None,
                 task=task,
                 validation=data.validation if (data is not None and task is not None) else None,
                 align=align,
@@ -598,7 +617,7 @@ class Buyer:
         incoming = trades.data_dir.models / ".incoming" / f"{record.deal_id.hex()}.safetensors"
         incoming.unlink(missing_ok=True)
         if manifest is not None:
-            trades.chunks.remove([manifest.chunk_hashes[i : i + 32] for i in range(0, len(manifest.chunk_hashes), 32)])
+            trades.chunks.remove(manifest)
 
 
 def _most_telling(group: BaseExceptionGroup) -> BaseException:
@@ -607,21 +626,7 @@ def _most_telling(group: BaseExceptionGroup) -> BaseException:
     A failed deal outranks a protocol error, which outranks a broken stream
     (which the other failures usually cause).
     """
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    for kind in (TradeFailed, RemoteProtocolError, PeerError, StreamFailed):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return leaves[0]
+    return most_telling(group, (TradeFailed, RemoteProtocolError, PeerError, StreamFailed))
 
 
 def _ranges(indices: list[int]) -> tuple[tuple[int, int], ...]:

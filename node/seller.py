@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from node.deals import LedgerConflict
-from node.streams import PeerError, StreamFailed, StreamIO
+from node.streams import PeerError, StreamFailed, StreamIO, most_telling
 from protocol import limits
 from protocol.codec import encode
 from protocol.deal import Deal, DealEvent, DealState, InvalidTransition
@@ -33,6 +35,7 @@ from protocol.messages import (
     ChunkHeader,
     ChunkRequest,
     Counter,
+    Manifest,
     Offer,
     Outcome,
     Receipt,
@@ -252,24 +255,39 @@ class Seller:
         if request.want_manifest:
             await io.write(frame(published.manifest_bytes))
         sent = self.sent.setdefault(deal.deal_id, set())
-        with open(published.path, "rb") as handle:
-            for index in request.indices():
-                begin, end = chunk_bounds(manifest, index)
-                data = await trio.to_thread.run_sync(os.pread, handle.fileno(), end - begin, begin)
-                data = trades.hooks.outgoing_chunk(deal.deal_id, index, data)
-                cut = trades.hooks.cut_chunk(deal.deal_id, index)
-                if cut is not None:
-                    await io.write(frame(encode(ChunkHeader(index, len(data)))) + data[:cut])
-                    await io.reset()
-                    return
-                await io.write(frame(encode(ChunkHeader(index, len(data)))) + data)
-                sent.add(index)
-                self.served_bytes[deal.deal_id] = self.served_bytes.get(deal.deal_id, 0) + len(data)
+        try:
+            await self._send_chunks(io, deal.deal_id, published.path, manifest, request.indices(), sent)
+        except BaseExceptionGroup as group:
+            raise most_telling(group, (RemoteProtocolError, StreamFailed)) from None
         if len(sent) == count:
             try:
                 trades.deals.apply(deal.deal_id, DealEvent.TRANSFER_DONE, now_ms=trades.now_ms())
             except InvalidTransition:
                 pass  # settled meanwhile by a receipt on another stream
+
+    async def _send_chunks(
+        self, io: StreamIO, deal_id: bytes, path: Path, manifest: Manifest, indices: list[int], sent: set[int]
+    ) -> None:
+        """Send each chunk of `indices` as a ChunkHeader frame and its bytes."""
+        hooks = self.trades.hooks
+        with open(path, "rb") as handle:
+            async with trio.open_nursery() as nursery:
+                # A worker thread reads chunk i + 1 from the disk while chunk i goes out.
+                send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](0)
+                nursery.start_soon(_read_ahead, handle.fileno(), manifest, indices, send_channel)
+                async with receive_channel:
+                    async for index, data in receive_channel:
+                        data = hooks.outgoing_chunk(deal_id, index, data)
+                        await io.write(frame(encode(ChunkHeader(index, len(data)))))
+                        cut = hooks.cut_chunk(deal_id, index)
+                        if cut is not None:
+                            await io.write(data[:cut])
+                            await io.reset()
+                            nursery.cancel_scope.cancel()
+                            return
+                        await io.write(data)
+                        sent.add(index)
+                        self.served_bytes[deal_id] = self.served_bytes.get(deal_id, 0) + len(data)
 
     # Settlement ------------------------------------------------------------------
 
@@ -334,3 +352,15 @@ class Seller:
         self.sent.pop(deal.deal_id, None)
         return countersigned
 
+
+async def _read_ahead(
+    fd: int, manifest: Manifest, indices: Iterable[int], channel: trio.MemorySendChannel[tuple[int, bytes]]
+) -> None:
+    """Read each chunk of `indices` from `fd` in a worker thread and send it on `channel`."""
+    async with channel:
+        for index in indices:
+            begin, end = chunk_bounds(manifest, index)
+            data = await trio.to_thread.run_sync(os.pread, fd, end - begin, begin)
+            if len(data) != end - begin:
+                raise RemoteProtocolError(Reason.INTERNAL, f"the offered file ends inside chunk {index}")
+            await channel.send((index, data))
