@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -101,6 +102,15 @@ class Progress:
     chunks_done: int = 0
     bytes_done: int = 0
     fetched: int = 0  # chunks received over the network, verified or not
+    # Seconds spent in each phase of the deal since this node started it,
+    # kept in memory only: negotiate, transfer, verify, sync, evaluate,
+    # merge, commit and receipt. Transfer ends when the last chunk's bytes
+    # arrived. Verify is the hashing and writing of the chunks still queued
+    # then. Sync is the fdatasync and rename of the delivered file.
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
 class Buyer:
@@ -143,10 +153,13 @@ class Buyer:
         # Every agreed price is at most the ask, so that is the most this can cost.
         self.check_budget(min(value, offer.price))
 
+        started = time.perf_counter()
         accept = await self._negotiate(valid, value)
+        negotiated = time.perf_counter() - started
         record = trades.deals.insert(
             role=Role.BUYER, state=DealState.AGREED, offer=offer, terms=accept.terms, accept=accept, now_ms=trades.now_ms()
         )
+        self.progress.setdefault(record.deal_id, Progress()).add_phase("negotiate", negotiated)
         logger.info(
             "Deal %s agreed: buying offer %s from %s for %d",
             record.deal_id.hex()[:12], valid.offer_id.hex()[:12], offer.seller.hex()[-12:], record.price,
@@ -276,15 +289,20 @@ class Buyer:
                 progress.chunks_done = total - len(missing)
                 if not missing:
                     break
+            started = time.perf_counter()
             try:
                 if record.state is DealState.AGREED:
                     record = trades.deals.apply(record.deal_id, DealEvent.TRANSFER_STARTED, now_ms=trades.now_ms())
                 if manifest is None:
                     manifest = await self._fetch_manifest(record)
+                    progress.add_phase("transfer", time.perf_counter() - started)
                     continue
-                await self._fetch_chunks(record, manifest, missing, attempts, progress)
+                received = await self._fetch_chunks(record, manifest, missing, attempts, progress)
+                progress.add_phase("transfer", received - started)
+                progress.add_phase("verify", time.perf_counter() - received)
                 failures = 0
             except (StreamFailed, PeerError, RemoteProtocolError) as exc:
+                progress.add_phase("transfer", time.perf_counter() - started)
                 if isinstance(exc, PeerError) and exc.reason in (Reason.UNKNOWN_DEAL, Reason.WRONG_PEER, Reason.EXPIRED):
                     raise TradeFailed(exc.reason, f"the seller stopped serving: {exc.detail}") from None
                 failures += 1
@@ -327,8 +345,12 @@ class Buyer:
         missing: list[int],
         attempts: dict[int, int],
         progress: Progress,
-    ) -> None:
-        """Request the missing chunks on one stream; store each that verifies."""
+    ) -> float:
+        """Request the missing chunks on one stream; store each that verifies.
+
+        Returns the `time.perf_counter()` at which the last chunk's bytes
+        arrived; the chunks are all verified and stored when this returns.
+        """
         ranges = _ranges(missing)
         requested = [index for first, count in ranges for index in range(first, first + count)]
         buffer_size = min(manifest.chunk_size, manifest.total_bytes)
@@ -351,7 +373,8 @@ class Buyer:
                     )
                 receive_channel.close()
                 async with send_channel:
-                    await self._read_chunks(io, record, manifest, requested, progress, send_channel, free_receive)
+                    received = await self._read_chunks(io, record, manifest, requested, progress, send_channel, free_receive)
+            return received
         except BaseExceptionGroup as group:
             raise _most_telling(group) from None
         finally:
@@ -366,8 +389,8 @@ class Buyer:
         progress: Progress,
         send_channel: trio.MemorySendChannel[tuple[int, bytearray, int]],
         free_buffers: trio.MemoryReceiveChannel[bytearray],
-    ) -> None:
-        """Read each requested chunk into a free buffer and queue it for a verifier."""
+    ) -> float:
+        """Read each requested chunk into a free buffer and queue it; return when the last arrived."""
         for index in requested:
             header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S, read_size=HEADER_READ_SIZE)
             begin, end = chunk_bounds(manifest, index)
@@ -381,6 +404,7 @@ class Buyer:
             progress.fetched += 1
             self.trades.hooks.received_chunk(record.deal_id, index)
             await send_channel.send((index, buffer, header.size))
+        return time.perf_counter()
 
     async def _verify_chunks(
         self,
@@ -424,7 +448,9 @@ class Buyer:
         manifest = trades.deals.manifest_of(record)
         assert manifest is not None
         incoming = trades.data_dir.models / ".incoming" / f"{record.deal_id.hex()}.safetensors"
+        progress = self.progress.setdefault(record.deal_id, Progress())
         if not incoming.exists():
+            started = time.perf_counter()
             try:
                 await trio.to_thread.run_sync(trades.chunks.assemble, manifest, incoming)
             except FileNotFoundError:
@@ -434,6 +460,7 @@ class Buyer:
             except ValueError as exc:
                 await self._sign(record, Outcome.REFUSED, Reason.MANIFEST_MISMATCH, detail=str(exc))
                 return
+            progress.add_phase("sync", time.perf_counter() - started)
 
         # A crash after committing the model but before signing leaves the
         # model row with this deal's ID: reuse it instead of merging twice.
@@ -461,7 +488,10 @@ class Buyer:
                 min_gain=min_gain,
             )
 
+        started = time.perf_counter()
         evaluation = await trades.workers.run(job)
+        progress.add_phase("evaluate", time.perf_counter() - started - evaluation.merge_seconds)
+        progress.add_phase("merge", evaluation.merge_seconds)
         logger.info(
             "Deal %s evaluated: %s (gain %s, accuracy %s -> %s)",
             record.deal_id.hex()[:12], evaluation.decision,
@@ -488,6 +518,7 @@ class Buyer:
         if evaluation.decision == "merge" and local is not None:
             metrics["epochs"] = float(local.metrics.get("epochs", 0.0))
         model_name, model_version = "", None
+        started = time.perf_counter()
         if evaluation.decision == "merge" and local is not None and evaluation.merged is not None:
             version = await trio.to_thread.run_sync(
                 lambda: trades.models.add_tensors(
@@ -506,6 +537,7 @@ class Buyer:
                 )
             )
             model_name, model_version = version.name, version.version
+        progress.add_phase("commit", time.perf_counter() - started)
         outcome = _outcome_for(record, evaluation.decision, evaluation.gain)
         reason = Reason.OK if outcome == Outcome.PAID else Reason.GAIN_BELOW_MINIMUM
         await self._sign(record, outcome, reason, gain=evaluation.gain, evaluation=evaluation,
@@ -534,6 +566,7 @@ class Buyer:
         model_version: int | None = None,
     ) -> None:
         trades = self.trades
+        started = time.perf_counter()
         gain_ppm = 0 if gain is None else max(min(round(gain * limits.PPM), 2**62), -(2**62))
         accuracy_delta_ppm = 0
         before = getattr(evaluation, "accuracy_before", None)
@@ -563,6 +596,7 @@ class Buyer:
         if model:
             fields.update(model=model, model_version=model_version)
         trades.deals.apply(record.deal_id, event, now_ms=trades.now_ms(), **fields)
+        self.progress.setdefault(record.deal_id, Progress()).add_phase("receipt", time.perf_counter() - started)
         logger.info("Deal %s: signed a receipt that %s %d", record.deal_id.hex()[:12],
                     "pays" if outcome == Outcome.PAID else "refuses, paying", receipt.amount)
 
@@ -573,6 +607,7 @@ class Buyer:
         trades = self.trades
         receipt = record.receipt
         assert receipt is not None
+        started = time.perf_counter()
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
             try:
                 io = await trades.open_stream(record.counterparty, trades.SETTLE)
@@ -585,6 +620,10 @@ class Buyer:
                 if dataclasses.replace(reply, seller_signature=b"") != dataclasses.replace(receipt, seller_signature=b""):
                     raise RemoteProtocolError(Reason.TERMS_MISMATCH, "the countersigned receipt differs from the one sent")
                 self._record_settlement(record, reply)
+                progress = self.progress.setdefault(record.deal_id, Progress())
+                progress.add_phase("receipt", time.perf_counter() - started)
+                logger.info("Deal %s phases: %s", record.deal_id.hex()[:12],
+                            ", ".join(f"{name} {seconds:.3f} s" for name, seconds in progress.phases.items()))
                 return True
             except PeerError as exc:
                 trades.deals.update(record.deal_id, now_ms=trades.now_ms(), detail=f"seller refused the receipt: {exc}")

@@ -107,6 +107,11 @@ async def test_trade_merges_and_settles(nursery: trio.Nursery, tmp_path: Path) -
     assert buyer.trades.ledger.balances() == {seller.peer_id: -100}
     assert seller.trades.ledger.balances() == {buyer.peer_id: 100}
 
+    # The buyer timed every phase of the deal.
+    phases = buyer.trades.buyer.progress[deal_id].phases
+    assert set(phases) == {"negotiate", "transfer", "verify", "sync", "evaluate", "merge", "commit", "receipt"}
+    assert all(seconds >= 0 for seconds in phases.values())
+
 
 async def test_outright_purchase_without_local_model(nursery: trio.Nursery, tmp_path: Path) -> None:
     seller, buyer = await pair(nursery, tmp_path)
