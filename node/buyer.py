@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -362,10 +363,12 @@ class Buyer:
             # stream that gets no window update for a while) while verifier
             # tasks hash and write chunks in threads. Chunks travel in a fixed
             # set of buffers, which bounds the memory a transfer takes.
-            free_send, free_receive = trio.open_memory_channel[bytearray](buffers)
+            # The buffers are anonymous memory maps, which are page-aligned, so
+            # the chunk store can write them to the disk directly.
+            free_send, free_receive = trio.open_memory_channel[mmap.mmap](buffers)
             for _ in range(buffers):
-                free_send.send_nowait(bytearray(buffer_size))
-            send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytearray, int]](QUEUED_CHUNKS)
+                free_send.send_nowait(mmap.mmap(-1, buffer_size))
+            send_channel, receive_channel = trio.open_memory_channel[tuple[int, mmap.mmap, int]](QUEUED_CHUNKS)
             async with trio.open_nursery() as nursery:
                 for _ in range(VERIFIERS):
                     nursery.start_soon(
@@ -387,8 +390,8 @@ class Buyer:
         manifest: Manifest,
         requested: list[int],
         progress: Progress,
-        send_channel: trio.MemorySendChannel[tuple[int, bytearray, int]],
-        free_buffers: trio.MemoryReceiveChannel[bytearray],
+        send_channel: trio.MemorySendChannel[tuple[int, mmap.mmap, int]],
+        free_buffers: trio.MemoryReceiveChannel[mmap.mmap],
     ) -> float:
         """Read each requested chunk into a free buffer and queue it; return when the last arrived."""
         for index in requested:
@@ -410,8 +413,8 @@ class Buyer:
         self,
         record: DealRecord,
         manifest: Manifest,
-        receiver: trio.MemoryReceiveChannel[tuple[int, bytearray, int]],
-        free_buffers: trio.MemorySendChannel[bytearray],
+        receiver: trio.MemoryReceiveChannel[tuple[int, mmap.mmap, int]],
+        free_buffers: trio.MemorySendChannel[mmap.mmap],
         attempts: dict[int, int],
         progress: Progress,
     ) -> None:

@@ -273,11 +273,11 @@ class Seller:
         with open(path, "rb") as handle:
             async with trio.open_nursery() as nursery:
                 # A worker thread reads chunk i + 1 from the disk while chunk i goes out.
-                send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](0)
+                send_channel, receive_channel = trio.open_memory_channel[tuple[int, memoryview]](0)
                 nursery.start_soon(_read_ahead, handle.fileno(), manifest, indices, send_channel)
                 async with receive_channel:
-                    async for index, data in receive_channel:
-                        data = hooks.outgoing_chunk(deal_id, index, data)
+                    async for index, chunk in receive_channel:
+                        data = hooks.outgoing_chunk(deal_id, index, chunk)
                         await io.write(frame(encode(ChunkHeader(index, len(data)))))
                         cut = hooks.cut_chunk(deal_id, index)
                         if cut is not None:
@@ -354,13 +354,21 @@ class Seller:
 
 
 async def _read_ahead(
-    fd: int, manifest: Manifest, indices: Iterable[int], channel: trio.MemorySendChannel[tuple[int, bytes]]
+    fd: int, manifest: Manifest, indices: Iterable[int], channel: trio.MemorySendChannel[tuple[int, memoryview]]
 ) -> None:
-    """Read each chunk of `indices` from `fd` in a worker thread and send it on `channel`."""
+    """Read each chunk of `indices` from `fd` in a worker thread and send it on `channel`.
+
+    Chunks alternate between two buffers. `channel` has no capacity, so a
+    send returns only once the receiver has taken the chunk, which means it
+    is done with the chunk before: that buffer is free for the next read.
+    """
+    size = min(manifest.chunk_size, manifest.total_bytes)
+    buffers = [memoryview(bytearray(size)), memoryview(bytearray(size))]
     async with channel:
-        for index in indices:
+        for count, index in enumerate(indices):
             begin, end = chunk_bounds(manifest, index)
-            data = await trio.to_thread.run_sync(os.pread, fd, end - begin, begin)
-            if len(data) != end - begin:
+            target = buffers[count % 2][: end - begin]
+            read = await trio.to_thread.run_sync(os.preadv, fd, [target], begin)
+            if read != end - begin:
                 raise RemoteProtocolError(Reason.INTERNAL, f"the offered file ends inside chunk {index}")
-            await channel.send((index, data))
+            await channel.send((index, target))
