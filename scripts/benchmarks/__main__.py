@@ -10,6 +10,10 @@ import sys
 BENCHMARKS = {
     "protocol": "protocol_bench",
     "devnet": "devnet_bench",
+    "transfer": "transfer_bench",
+    "merge": "merge_bench",
+    "trade": "trade_bench",
+    "scale": "scale_bench",
 }
 
 
