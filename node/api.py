@@ -299,6 +299,8 @@ def deal_view(node: Node, record: Any) -> dict[str, Any]:
         view["chunks_total"] = progress.chunks_total
         view["chunks_done"] = progress.chunks_done
         view["bytes_done"] = progress.bytes_done
+    if progress is not None:
+        view["phases"] = {name: round(seconds, 4) for name, seconds in progress.phases.items()}
     return view
 
 

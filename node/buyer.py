@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from node.deals import DealRecord, LedgerConflict
-from node.streams import PeerError, StreamFailed, StreamIO
+from node.streams import PeerError, StreamFailed, StreamIO, most_telling
 from protocol import limits
 from protocol.codec import decode, encode
 from protocol.deal import DealEvent, DealState, InvalidTransition
@@ -72,6 +74,10 @@ MAX_TRANSFER_FAILURES = 8
 CHUNK_TIMEOUT_S = 30.0
 SETTLE_ATTEMPTS = 8
 VERIFIERS = 2  # chunks hashed and written in parallel threads
+QUEUED_CHUNKS = 4  # chunks read and waiting for a verifier
+# A ChunkHeader frame takes at most 14 bytes, so reading 64 bytes for one
+# leaves the chunk's data in the stream, to be copied once, by `read_into`.
+HEADER_READ_SIZE = 64
 
 
 class BuyError(Exception):
@@ -97,6 +103,15 @@ class Progress:
     chunks_done: int = 0
     bytes_done: int = 0
     fetched: int = 0  # chunks received over the network, verified or not
+    # Seconds spent in each phase of the deal since this node started it,
+    # kept in memory only: negotiate, transfer, verify, sync, evaluate,
+    # merge, commit and receipt. Transfer ends when the last chunk's bytes
+    # arrived. Verify is the hashing and writing of the chunks still queued
+    # then. Sync is the fdatasync and rename of the delivered file.
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
 class Buyer:
@@ -139,10 +154,13 @@ class Buyer:
         # Every agreed price is at most the ask, so that is the most this can cost.
         self.check_budget(min(value, offer.price))
 
+        started = time.perf_counter()
         accept = await self._negotiate(valid, value)
+        negotiated = time.perf_counter() - started
         record = trades.deals.insert(
             role=Role.BUYER, state=DealState.AGREED, offer=offer, terms=accept.terms, accept=accept, now_ms=trades.now_ms()
         )
+        self.progress.setdefault(record.deal_id, Progress()).add_phase("negotiate", negotiated)
         logger.info(
             "Deal %s agreed: buying offer %s from %s for %d",
             record.deal_id.hex()[:12], valid.offer_id.hex()[:12], offer.seller.hex()[-12:], record.price,
@@ -272,15 +290,20 @@ class Buyer:
                 progress.chunks_done = total - len(missing)
                 if not missing:
                     break
+            started = time.perf_counter()
             try:
                 if record.state is DealState.AGREED:
                     record = trades.deals.apply(record.deal_id, DealEvent.TRANSFER_STARTED, now_ms=trades.now_ms())
                 if manifest is None:
                     manifest = await self._fetch_manifest(record)
+                    progress.add_phase("transfer", time.perf_counter() - started)
                     continue
-                await self._fetch_chunks(record, manifest, missing, attempts, progress)
+                received = await self._fetch_chunks(record, manifest, missing, attempts, progress)
+                progress.add_phase("transfer", received - started)
+                progress.add_phase("verify", time.perf_counter() - received)
                 failures = 0
             except (StreamFailed, PeerError, RemoteProtocolError) as exc:
+                progress.add_phase("transfer", time.perf_counter() - started)
                 if isinstance(exc, PeerError) and exc.reason in (Reason.UNKNOWN_DEAL, Reason.WRONG_PEER, Reason.EXPIRED):
                     raise TradeFailed(exc.reason, f"the seller stopped serving: {exc.detail}") from None
                 failures += 1
@@ -323,21 +346,38 @@ class Buyer:
         missing: list[int],
         attempts: dict[int, int],
         progress: Progress,
-    ) -> None:
-        """Request the missing chunks on one stream; store each that verifies."""
+    ) -> float:
+        """Request the missing chunks on one stream; store each that verifies.
+
+        Returns the `time.perf_counter()` at which the last chunk's bytes
+        arrived; the chunks are all verified and stored when this returns.
+        """
+        ranges = _ranges(missing)
+        requested = [index for first, count in ranges for index in range(first, first + count)]
+        buffer_size = min(manifest.chunk_size, manifest.total_bytes)
+        buffers = min(VERIFIERS + QUEUED_CHUNKS + 1, len(requested))
         io = await self.trades.open_stream(record.counterparty, self.trades.TRANSFER)
         try:
-            await io.send(ChunkRequest(record.deal_id, False, _ranges(missing)))
+            await io.send(ChunkRequest(record.deal_id, False, ranges))
             # The reader keeps draining the stream (a Yamux sender resets a
-            # stream that gets no window update for 5 s) while verifier tasks
-            # hash and write chunks in threads.
-            send_channel, receive_channel = trio.open_memory_channel[tuple[int, bytes]](4)
+            # stream that gets no window update for a while) while verifier
+            # tasks hash and write chunks in threads. Chunks travel in a fixed
+            # set of buffers, which bounds the memory a transfer takes.
+            # The buffers are anonymous memory maps, which are page-aligned, so
+            # the chunk store can write them to the disk directly.
+            free_send, free_receive = trio.open_memory_channel[mmap.mmap](buffers)
+            for _ in range(buffers):
+                free_send.send_nowait(mmap.mmap(-1, buffer_size))
+            send_channel, receive_channel = trio.open_memory_channel[tuple[int, mmap.mmap, int]](QUEUED_CHUNKS)
             async with trio.open_nursery() as nursery:
                 for _ in range(VERIFIERS):
-                    nursery.start_soon(self._verify_chunks, record, manifest, receive_channel.clone(), attempts, progress)
+                    nursery.start_soon(
+                        self._verify_chunks, record, manifest, receive_channel.clone(), free_send, attempts, progress
+                    )
                 receive_channel.close()
                 async with send_channel:
-                    await self._read_chunks(io, record, manifest, missing, progress, send_channel)
+                    received = await self._read_chunks(io, record, manifest, requested, progress, send_channel, free_receive)
+            return received
         except BaseExceptionGroup as group:
             raise _most_telling(group) from None
         finally:
@@ -348,37 +388,44 @@ class Buyer:
         io: StreamIO,
         record: DealRecord,
         manifest: Manifest,
-        missing: list[int],
+        requested: list[int],
         progress: Progress,
-        send_channel: trio.MemorySendChannel[tuple[int, bytes]],
-    ) -> None:
-        for index in missing:
-            header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S)
+        send_channel: trio.MemorySendChannel[tuple[int, mmap.mmap, int]],
+        free_buffers: trio.MemoryReceiveChannel[mmap.mmap],
+    ) -> float:
+        """Read each requested chunk into a free buffer and queue it; return when the last arrived."""
+        for index in requested:
+            header = await io.expect(ChunkHeader, timeout=CHUNK_TIMEOUT_S, read_size=HEADER_READ_SIZE)
             begin, end = chunk_bounds(manifest, index)
             if header.index != index or header.size != end - begin:
                 raise RemoteProtocolError(
                     Reason.INVALID_FIELD,
                     f"expected chunk {index} of {end - begin} bytes, got chunk {header.index} of {header.size}",
                 )
-            data = await io.read_exactly(header.size, CHUNK_TIMEOUT_S)
+            buffer = await free_buffers.receive()
+            await io.read_into(memoryview(buffer)[: header.size], CHUNK_TIMEOUT_S)
             progress.fetched += 1
             self.trades.hooks.received_chunk(record.deal_id, index)
-            await send_channel.send((index, data))
+            await send_channel.send((index, buffer, header.size))
+        return time.perf_counter()
 
     async def _verify_chunks(
         self,
         record: DealRecord,
         manifest: Manifest,
-        receiver: trio.MemoryReceiveChannel[tuple[int, bytes]],
+        receiver: trio.MemoryReceiveChannel[tuple[int, mmap.mmap, int]],
+        free_buffers: trio.MemorySendChannel[mmap.mmap],
         attempts: dict[int, int],
         progress: Progress,
     ) -> None:
         limit = self.trades.config.transfer.max_chunk_attempts
         async with receiver:
-            async for index, data in receiver:
-                if await trio.to_thread.run_sync(self._verify_and_put, manifest, index, data):
+            async for index, buffer, size in receiver:
+                stored = await trio.to_thread.run_sync(self._verify_and_put, manifest, index, memoryview(buffer)[:size])
+                free_buffers.send_nowait(buffer)
+                if stored:
                     progress.chunks_done += 1
-                    progress.bytes_done += len(data)
+                    progress.bytes_done += size
                     continue
                 attempts[index] = attempts.get(index, 0) + 1
                 logger.info("Chunk %d of deal %s failed its hash (attempt %d of %d)",
@@ -386,13 +433,13 @@ class Buyer:
                 if attempts[index] >= limit:
                     raise TradeFailed(Reason.CHUNK_HASH_MISMATCH, f"chunk {index} failed its hash {attempts[index]} times")
 
-    def _verify_and_put(self, manifest: Manifest, index: int, data: bytes) -> bool:
+    def _verify_and_put(self, manifest: Manifest, index: int, data: bytes | memoryview) -> bool:
         """Runs in a thread: hash the chunk and store it if it matches."""
         try:
-            digest = verify_chunk(manifest, index, data)
+            verify_chunk(manifest, index, data)
         except RemoteProtocolError:
             return False
-        self.trades.chunks.put(digest, data)
+        self.trades.chunks.put(manifest, index, data)
         return True
 
     # Evaluating ------------------------------------------------------------------------
@@ -404,7 +451,9 @@ class Buyer:
         manifest = trades.deals.manifest_of(record)
         assert manifest is not None
         incoming = trades.data_dir.models / ".incoming" / f"{record.deal_id.hex()}.safetensors"
+        progress = self.progress.setdefault(record.deal_id, Progress())
         if not incoming.exists():
+            started = time.perf_counter()
             try:
                 await trio.to_thread.run_sync(trades.chunks.assemble, manifest, incoming)
             except FileNotFoundError:
@@ -414,6 +463,7 @@ class Buyer:
             except ValueError as exc:
                 await self._sign(record, Outcome.REFUSED, Reason.MANIFEST_MISMATCH, detail=str(exc))
                 return
+            progress.add_phase("sync", time.perf_counter() - started)
 
         # A crash after committing the model but before signing leaves the
         # model row with this deal's ID: reuse it instead of merging twice.
@@ -427,14 +477,13 @@ class Buyer:
                              model_version=committed.version, gain=committed.metrics.get("gain"))
             return
 
-        local_tensors = trades.models.load_tensors(local) if local is not None else None
         min_gain = trades.config.market.min_gain
         align = trades.config.task.align
 
         def job(device: str):  # type: ignore[no-untyped-def]
             return evaluate_delivery(
                 incoming,
-                local=local_tensors,
+                local=trades.models.load_tensors(local) if local is not None else None,
                 task=task,
                 validation=data.validation if (data is not None and task is not None) else None,
                 align=align,
@@ -442,7 +491,10 @@ class Buyer:
                 min_gain=min_gain,
             )
 
+        started = time.perf_counter()
         evaluation = await trades.workers.run(job)
+        progress.add_phase("evaluate", time.perf_counter() - started - evaluation.merge_seconds)
+        progress.add_phase("merge", evaluation.merge_seconds)
         logger.info(
             "Deal %s evaluated: %s (gain %s, accuracy %s -> %s)",
             record.deal_id.hex()[:12], evaluation.decision,
@@ -469,6 +521,7 @@ class Buyer:
         if evaluation.decision == "merge" and local is not None:
             metrics["epochs"] = float(local.metrics.get("epochs", 0.0))
         model_name, model_version = "", None
+        started = time.perf_counter()
         if evaluation.decision == "merge" and local is not None and evaluation.merged is not None:
             version = await trio.to_thread.run_sync(
                 lambda: trades.models.add_tensors(
@@ -487,6 +540,7 @@ class Buyer:
                 )
             )
             model_name, model_version = version.name, version.version
+        progress.add_phase("commit", time.perf_counter() - started)
         outcome = _outcome_for(record, evaluation.decision, evaluation.gain)
         reason = Reason.OK if outcome == Outcome.PAID else Reason.GAIN_BELOW_MINIMUM
         await self._sign(record, outcome, reason, gain=evaluation.gain, evaluation=evaluation,
@@ -515,6 +569,7 @@ class Buyer:
         model_version: int | None = None,
     ) -> None:
         trades = self.trades
+        started = time.perf_counter()
         gain_ppm = 0 if gain is None else max(min(round(gain * limits.PPM), 2**62), -(2**62))
         accuracy_delta_ppm = 0
         before = getattr(evaluation, "accuracy_before", None)
@@ -544,6 +599,7 @@ class Buyer:
         if model:
             fields.update(model=model, model_version=model_version)
         trades.deals.apply(record.deal_id, event, now_ms=trades.now_ms(), **fields)
+        self.progress.setdefault(record.deal_id, Progress()).add_phase("receipt", time.perf_counter() - started)
         logger.info("Deal %s: signed a receipt that %s %d", record.deal_id.hex()[:12],
                     "pays" if outcome == Outcome.PAID else "refuses, paying", receipt.amount)
 
@@ -554,6 +610,7 @@ class Buyer:
         trades = self.trades
         receipt = record.receipt
         assert receipt is not None
+        started = time.perf_counter()
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
             try:
                 io = await trades.open_stream(record.counterparty, trades.SETTLE)
@@ -566,6 +623,10 @@ class Buyer:
                 if dataclasses.replace(reply, seller_signature=b"") != dataclasses.replace(receipt, seller_signature=b""):
                     raise RemoteProtocolError(Reason.TERMS_MISMATCH, "the countersigned receipt differs from the one sent")
                 self._record_settlement(record, reply)
+                progress = self.progress.setdefault(record.deal_id, Progress())
+                progress.add_phase("receipt", time.perf_counter() - started)
+                logger.info("Deal %s phases: %s", record.deal_id.hex()[:12],
+                            ", ".join(f"{name} {seconds:.3f} s" for name, seconds in progress.phases.items()))
                 return True
             except PeerError as exc:
                 trades.deals.update(record.deal_id, now_ms=trades.now_ms(), detail=f"seller refused the receipt: {exc}")
@@ -598,7 +659,7 @@ class Buyer:
         incoming = trades.data_dir.models / ".incoming" / f"{record.deal_id.hex()}.safetensors"
         incoming.unlink(missing_ok=True)
         if manifest is not None:
-            trades.chunks.remove([manifest.chunk_hashes[i : i + 32] for i in range(0, len(manifest.chunk_hashes), 32)])
+            trades.chunks.remove(manifest)
 
 
 def _most_telling(group: BaseExceptionGroup) -> BaseException:
@@ -607,21 +668,7 @@ def _most_telling(group: BaseExceptionGroup) -> BaseException:
     A failed deal outranks a protocol error, which outranks a broken stream
     (which the other failures usually cause).
     """
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    for kind in (TradeFailed, RemoteProtocolError, PeerError, StreamFailed):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return leaves[0]
+    return most_telling(group, (TradeFailed, RemoteProtocolError, PeerError, StreamFailed))
 
 
 def _ranges(indices: list[int]) -> tuple[tuple[int, int], ...]:

@@ -8,6 +8,7 @@ does not import torch: the functions import it when they run.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Evaluation:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     merged: dict[str, Tensor] | None = None  # CPU tensors, only for "merge"
+    # Seconds the alpha search spent interpolating, apart from its evaluations.
+    merge_seconds: float = 0.0
 
 
 def _invalid(reason: Reason, problems: list[str]) -> Evaluation:
@@ -166,10 +169,18 @@ def _merge(
         permutations = match_weights(spec, local_on_device, incoming_on_device)
         incoming_on_device = apply_permutations(spec, permutations, incoming_on_device)
 
-    def evaluate(params: Mapping[str, Tensor]) -> HasLossAndAccuracy:
-        return task.evaluate(params, validation, device=device)
+    evaluating = 0.0
 
+    def evaluate(params: Mapping[str, Tensor]) -> HasLossAndAccuracy:
+        nonlocal evaluating
+        started = time.perf_counter()
+        metrics = task.evaluate(params, validation, device=device)
+        evaluating += time.perf_counter() - started
+        return metrics
+
+    started = time.perf_counter()
     result = search_merge(local_on_device, incoming_on_device, evaluate)
+    merge_seconds = time.perf_counter() - started - evaluating
     improved = result.gain > min_gain
     return Evaluation(
         decision="merge" if improved else "keep",
@@ -182,6 +193,7 @@ def _merge(
         accuracy_before=result.accuracy_before,
         accuracy_after=result.accuracy_after,
         merged={name: tensor.cpu() for name, tensor in result.params.items()} if improved else None,
+        merge_seconds=merge_seconds,
     )
 
 

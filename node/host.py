@@ -47,12 +47,12 @@ from libp2p.peer.peerstore import PeerStoreError
 from libp2p.rcmgr import new_resource_manager
 from libp2p.rcmgr.manager import ResourceLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from node.config import Config
 from node.datadir import Identity
+from node.libp2p_tuning import TunedNoiseTransport, tune_host
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,13 @@ MAX_BACKOFF_S = 60.0
 
 
 def build_host(identity: Identity, config: Config, listen: Iterable[str]) -> Any:
-    """Build a py-libp2p host with Noise and Yamux only and the configured limits."""
+    """Build a py-libp2p host with Noise and Yamux only and the configured limits.
+
+    Noise and Yamux are the faster variants of `node.libp2p_tuning`, which
+    send the same bytes on the wire as py-libp2p's own.
+    """
     security = {
-        NOISE_PROTOCOL_ID: NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)
+        NOISE_PROTOCOL_ID: TunedNoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)
     }
     muxers = {YAMUX_PROTOCOL_ID: Yamux}
     limits = config.limits
@@ -93,6 +97,7 @@ def build_host(identity: Identity, config: Config, listen: Iterable[str]) -> Any
     mdns = getattr(host, "mDNS", None)
     if mdns is not None:
         mdns.broadcaster.host = MdnsAddresses(host)
+    tune_host(host)
     return host
 
 

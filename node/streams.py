@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import trio
 from libp2p.exceptions import BaseLibp2pError
 
+from node.libp2p_tuning import read_into
 from protocol.codec import Message, decode, encode
 from protocol.errors import Reason, RemoteProtocolError
 from protocol.framing import FrameReader, frame
@@ -61,13 +62,13 @@ class StreamIO:
     def peer_id(self) -> bytes:
         return bytes(self.stream.muxed_conn.peer_id.to_bytes())
 
-    async def _fill(self, timeout: float) -> bool:
-        """Read more bytes into the buffer; False at end of stream."""
+    async def _fill(self, timeout: float, read_size: int = READ_SIZE) -> bool:
+        """Read at most `read_size` more bytes into the buffer; False at end of stream."""
         if self._eof:
             return False
         with trio.move_on_after(timeout) as scope:
             try:
-                data = await self.stream.read(READ_SIZE)
+                data = await self.stream.read(read_size)
             except EOFError:
                 self._eof = True
                 return False
@@ -83,26 +84,31 @@ class StreamIO:
         self._reader.feed(data)
         return True
 
-    async def read_frame(self, max_size: int, timeout: float) -> bytes | None:
-        """The next frame, or None when the stream ends cleanly between frames."""
+    async def read_frame(self, max_size: int, timeout: float, *, read_size: int = READ_SIZE) -> bytes | None:
+        """The next frame, or None when the stream ends cleanly between frames.
+
+        Each read from the stream requests at most `read_size` bytes. A
+        caller that expects raw bytes after a small frame passes a small
+        size, so those bytes stay in the stream for `read_into`.
+        """
         self._reader.max_frame = max_size
         while True:
             payload = self._reader.next_frame()
             if payload is not None:
                 return payload
-            if not await self._fill(timeout):
+            if not await self._fill(timeout, read_size):
                 if self._reader.buffered:
                     raise RemoteProtocolError(Reason.TRUNCATED, "stream ended inside a frame")
                 return None
 
     async def read_message(self, expected: Sequence[type[Message]], *, timeout: float,
-                           max_size: int | None = None) -> Message | None:
+                           max_size: int | None = None, read_size: int = READ_SIZE) -> Message | None:
         """Decode the next frame as one of `expected`; None at a clean end.
 
         An ErrorMessage from the peer raises PeerError.
         """
         limit = max_size if max_size is not None else max(cls.MAX_SIZE for cls in expected)
-        payload = await self.read_frame(max(limit, ErrorMessage.MAX_SIZE), timeout)
+        payload = await self.read_frame(max(limit, ErrorMessage.MAX_SIZE), timeout, read_size=read_size)
         if payload is None:
             return None
         message = decode(payload, [*expected, ErrorMessage])
@@ -110,27 +116,42 @@ class StreamIO:
             raise PeerError(message)
         return message
 
-    async def expect(self, cls: type[M], *, timeout: float) -> M:
+    async def expect(self, cls: type[M], *, timeout: float, read_size: int = READ_SIZE) -> M:
         """Read one message of type `cls`; the stream must not end first."""
-        message = await self.read_message([cls], timeout=timeout)
+        message = await self.read_message([cls], timeout=timeout, read_size=read_size)
         if message is None:
             raise RemoteProtocolError(Reason.TRUNCATED, f"stream ended before a {cls.__name__}")
         assert isinstance(message, cls)
         return message
 
-    async def read_exactly(self, size: int, timeout: float) -> bytes:
-        """Raw bytes after a frame (chunk data): exactly `size` of them."""
-        parts: list[bytes] = []
-        remaining = size
-        while remaining:
-            if self._reader.buffered == 0 and not await self._fill(timeout):
-                raise RemoteProtocolError(Reason.TRUNCATED, f"stream ended {remaining} bytes before the end of a chunk")
-            part = self._reader.take(remaining)
-            parts.append(part)
-            remaining -= len(part)
-        return b"".join(parts)
+    async def read_into(self, target: memoryview, timeout: float) -> None:
+        """Fill `target` with the raw bytes after a frame (chunk data).
 
-    async def write(self, data: bytes, timeout: float = 30.0) -> None:
+        Bytes already buffered come first; the rest is copied from the
+        stream straight into `target`. `timeout` bounds each wait for data.
+        """
+        filled = self._reader.take_into(target)
+        while filled < len(target):
+            count = 0
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    count = await read_into(self.stream, target[filled:])
+                except EOFError:
+                    self._eof = True
+                except TRANSPORT_ERRORS as exc:
+                    raise StreamFailed(f"stream failed: {type(exc).__name__}: {exc}") from None
+            if scope.cancelled_caught:
+                raise StreamFailed(f"no data from the peer for {timeout:g} s")
+            if self._eof or count == 0:
+                self._eof = True
+                raise RemoteProtocolError(
+                    Reason.TRUNCATED, f"stream ended {len(target) - filled} bytes before the end of a chunk"
+                )
+            if self._on_bytes_in is not None:
+                self._on_bytes_in(count)
+            filled += count
+
+    async def write(self, data: bytes | bytearray | memoryview, timeout: float = 30.0) -> None:
         with trio.move_on_after(timeout) as scope:
             try:
                 await self.stream.write(data)
@@ -164,6 +185,29 @@ class StreamIO:
                 await self.stream.reset()
             except TRANSPORT_ERRORS:
                 pass
+
+
+def most_telling(group: BaseExceptionGroup, ranking: Sequence[type[BaseException]]) -> BaseException:
+    """Pick the exception of a task group that explains the failure best.
+
+    That is the first exception, in the group's order, of the first type in
+    `ranking` that any of them has. If none has one, it is the group's first.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for kind in ranking:
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
 
 
 class InboundLimiter:

@@ -55,7 +55,7 @@ class TradeHooks:
     The defaults change nothing.
     """
 
-    def outgoing_chunk(self, deal_id: bytes, index: int, data: bytes) -> bytes:
+    def outgoing_chunk(self, deal_id: bytes, index: int, data: memoryview) -> bytes | memoryview:
         return data
 
     def cut_chunk(self, deal_id: bytes, index: int) -> int | None:

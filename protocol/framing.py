@@ -89,3 +89,11 @@ class FrameReader:
         payload = bytes(self._buffer[:size])
         del self._buffer[:size]
         return payload
+
+    def take_into(self, target: memoryview) -> int:
+        """Move up to len(target) raw bytes from the buffer into `target`; return the count."""
+        count = min(len(target), len(self._buffer))
+        with memoryview(self._buffer) as buffered:
+            target[:count] = buffered[:count]
+        del self._buffer[:count]
+        return count

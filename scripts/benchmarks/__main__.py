@@ -11,6 +11,10 @@ BENCHMARKS = {
     "protocol": "protocol_bench",
     "gossip": "gossip_bench",
     "devnet": "devnet_bench",
+    "transfer": "transfer_bench",
+    "merge": "merge_bench",
+    "trade": "trade_bench",
+    "scale": "scale_bench",
 }
 
 

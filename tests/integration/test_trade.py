@@ -107,6 +107,11 @@ async def test_trade_merges_and_settles(nursery: trio.Nursery, tmp_path: Path) -
     assert buyer.trades.ledger.balances() == {seller.peer_id: -100}
     assert seller.trades.ledger.balances() == {buyer.peer_id: 100}
 
+    # The buyer timed every phase of the deal.
+    phases = buyer.trades.buyer.progress[deal_id].phases
+    assert set(phases) == {"negotiate", "transfer", "verify", "sync", "evaluate", "merge", "commit", "receipt"}
+    assert all(seconds >= 0 for seconds in phases.values())
+
 
 async def test_outright_purchase_without_local_model(nursery: trio.Nursery, tmp_path: Path) -> None:
     seller, buyer = await pair(nursery, tmp_path)
@@ -203,6 +208,22 @@ async def test_flipped_chunk_fetched_again(nursery: trio.Nursery, tmp_path: Path
     assert record.state is DealState.PAID
     assert hooks.sent.count(3) == 2
     assert all(hooks.sent.count(i) == 1 for i in set(hooks.sent) - {3})
+
+
+async def test_seller_reads_chunks_without_memory_map(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node import seller as seller_module
+
+    # As on a kernel that cannot populate a memory map on request.
+    monkeypatch.setattr(seller_module, "_map_file", lambda fd, size: None)
+    seller, buyer = await pair(nursery, tmp_path)
+    valid = await offer_file(seller, buyer, big_weights(tmp_path / "big.safetensors"))
+    deal_id = await buy_and_wait(buyer, valid)
+    record = buyer.trades.deals.get(deal_id)
+    assert record is not None
+    assert record.state is DealState.PAID
+    assert buyer.models.get(record.model).root == seller.models.get("blob").root
 
 
 async def test_persistently_bad_chunk_fails_deal(nursery: trio.Nursery, tmp_path: Path) -> None:

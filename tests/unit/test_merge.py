@@ -80,6 +80,56 @@ def test_interpolate_leaves_inputs_unchanged() -> None:
     assert torch.equal(incoming["w"], torch.zeros(3))
 
 
+def test_interpolate_writes_into_out_buffers() -> None:
+    local = {"w": torch.ones(4), "b": torch.zeros(2), "steps": torch.tensor(3)}
+    incoming = {"w": torch.zeros(4), "b": torch.ones(2)}
+    first = interpolate(local, incoming, 0.25)
+
+    second = interpolate(local, incoming, 0.75, out=first)
+
+    for name in local:
+        assert second[name].data_ptr() == first[name].data_ptr()
+    torch.testing.assert_close(second["w"], torch.full((4,), 0.25), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(second["b"], torch.full((2,), 0.75), rtol=RTOL, atol=ATOL)
+    assert second["steps"].item() == 3
+
+
+def test_interpolate_ignores_out_of_wrong_shape() -> None:
+    local = {"w": torch.ones(4)}
+    incoming = {"w": torch.zeros(4)}
+    wrong = {"w": torch.empty(5)}
+
+    merged = interpolate(local, incoming, 0.5, out=wrong)
+
+    assert merged["w"].shape == (4,)
+    assert merged["w"].data_ptr() != wrong["w"].data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interpolate_half_precision_rounds_once(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    local = {"w": torch.randn(1000, generator=generator).to(dtype)}
+    incoming = {"w": torch.randn(1000, generator=generator).to(dtype)}
+
+    merged = interpolate(local, incoming, 0.35)
+
+    # Mixed in float32, rounded to the local dtype only at the end.
+    expected = torch.lerp(local["w"].float(), incoming["w"].float(), 0.35).to(dtype)
+    assert merged["w"].dtype == dtype
+    assert torch.equal(merged["w"], expected)
+
+
+def test_search_merge_result_survives_later_alphas() -> None:
+    local = {"w": torch.zeros(3)}
+    incoming = {"w": torch.ones(3)}
+
+    # The loss is lowest at alpha 0.35; later alphas reuse the losing buffers.
+    result = search_merge(local, incoming, lambda params: FakeMetrics(loss=abs(float(params["w"][0]) - 0.35), accuracy=0.0))
+
+    assert result.alpha == 0.35
+    torch.testing.assert_close(result.params["w"], torch.full((3,), 0.35), rtol=RTOL, atol=ATOL)
+
+
 def test_interpolate_rejects_alpha_outside_unit_interval() -> None:
     with pytest.raises(ValueError, match=r"alpha is 1\.5"):
         interpolate({"w": torch.ones(1)}, {"w": torch.ones(1)}, 1.5)
