@@ -59,9 +59,9 @@ def main() -> Result:
         result.notes.append(
             "Targets over seeds 0 to 4: " + "; ".join(f"{text}: {'met' if ok else 'NOT met'}" for text, ok in checks) + "."
         )
-        over = [str(seed) for seed, gap in zip(SEEDS, gaps, strict=False) if gap > 2]
+        over = [f"seed {seed} ({gap:.2f})" for seed, gap in zip(SEEDS, gaps, strict=False) if gap > 2]
         if over:
-            result.notes.append(f"Seeds whose own gap to centralized exceeds 2 points: {', '.join(over)}.")
+            result.notes.append(f"Runs whose own gap to centralized exceeds 2 points: {', '.join(over)}.")
     result.notes.append(
         "Accuracies are means over the 4 organizations on the held-out test split; a run is the same as "
         "`pmarket devnet up --seed S`. Timings include starting the node processes and the in-process controls, "
