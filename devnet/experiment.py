@@ -234,9 +234,8 @@ def run_experiment(
         result.status = "complete"
     except (DevnetError, ControlError) as exc:
         result.status = f"incomplete: {exc}"
-        try:
-            devnet.check_alive()
-        except DevnetError as crash:
+        crash = _find_crash(devnet)
+        if crash is not None:
             result.status = f"incomplete: {crash}"
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM: stop the nodes and report what completed.
@@ -246,6 +245,24 @@ def run_experiment(
         if not keep or result.status != "complete":
             devnet.stop()
     return result
+
+
+def _find_crash(devnet: Devnet, wait_s: float = 2.0) -> DevnetError | None:
+    """Return the error naming a node that is no longer running, or None.
+
+    A node killed by a signal closes its sockets before the kernel marks it
+    as exited, so a control request can fail a moment before the process
+    looks dead: look again for up to `wait_s` seconds.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            devnet.check_alive()
+        except DevnetError as crash:
+            return crash
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def result_json(result: ExperimentResult) -> dict[str, Any]:

@@ -22,6 +22,10 @@ class NoDaemon(ControlError):
     """No daemon runs for this data directory."""
 
 
+class DaemonGone(ControlError):
+    """The daemon went away while it handled a request."""
+
+
 class ControlClient:
     def __init__(self, data_dir: DataDir, *, timeout: float = 30.0) -> None:
         self.data_dir = data_dir
@@ -42,6 +46,14 @@ class ControlClient:
             raise NoDaemon(self._no_daemon_message()) from None
         except httpx.TimeoutException:
             raise ControlError(f"the daemon for {self.data_dir.root} did not respond to {method} {path} in time") from None
+        except httpx.TransportError as exc:
+            # The daemon accepted the request, then the connection broke: it
+            # stopped or crashed while handling it.
+            raise DaemonGone(
+                f"the daemon for {self.data_dir.root} closed the connection during {method} {path} "
+                f"({type(exc).__name__}); it stopped or crashed: see {self.data_dir.log}, "
+                f"then start it again with `pmarket node start --data-dir {self.data_dir.root}`"
+            ) from None
         try:
             body = response.json()
         except ValueError:
