@@ -28,9 +28,11 @@ so `Connector` tolerates a peerstore scan that races with such a write.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import random
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,50 @@ logger = logging.getLogger(__name__)
 DIAL_TIMEOUT_S = 10.0
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
+
+
+class ListenError(Exception):
+    """A listen address the node cannot use; the message tells the user what to do instead."""
+
+
+def check_listen_addrs(addresses: Iterable[str]) -> None:
+    """Check that each listen address is TCP on an IP of this machine, with its port free.
+
+    py-libp2p 0.8.1 opens its listeners with SO_REUSEPORT, so a second node
+    given a port that is in use binds it too, and the kernel then splits the
+    incoming connections between the two processes. It also only logs a
+    listener that fails to open. This check binds each address once without
+    SO_REUSEPORT, which fails while any other socket listens there.
+    """
+    for text in addresses:
+        address = multiaddr.Multiaddr(text)
+        names = [protocol.name for protocol in address.protocols()]
+        if names not in (["ip4", "tcp"], ["ip6", "tcp"]):
+            raise ListenError(
+                f"listen address {text!r} is not supported: a node listens on TCP over IPv4 or IPv6, "
+                "for example /ip4/127.0.0.1/tcp/4001 (/tcp/0 picks a free port)"
+            )
+        ip = address.value_for_protocol(names[0])
+        port = int(address.value_for_protocol("tcp"))
+        family = socket.AF_INET if names[0] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR lets a restarted node take its port back from
+            # connections in TIME_WAIT, but not from a socket that listens.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenError(
+                        f"cannot listen on {text}: port {port} is already in use on {ip}; "
+                        "choose another port, or /tcp/0 for a free one"
+                    ) from None
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise ListenError(
+                        f"cannot listen on {text}: {ip} is not an address of this machine; "
+                        "use one of its addresses, such as 127.0.0.1"
+                    ) from None
+                raise ListenError(f"cannot listen on {text}: {exc.strerror or exc}") from None
 
 
 def build_host(identity: Identity, config: Config, listen: Iterable[str]) -> Any:

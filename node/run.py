@@ -12,6 +12,7 @@ from node import logs
 from node.config import ConfigError, load, validate
 from node.daemon import Node, NodeOptions
 from node.datadir import DaemonLock, DataDir, DataDirError, load_identity
+from node.host import ListenError, check_listen_addrs
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def run_foreground(
     lock = DaemonLock(data_dir)
     lock.acquire()
     try:
+        try:
+            check_listen_addrs(config.node.listen)
+        except ListenError as exc:
+            raise DataDirError(str(exc)) from None
         logs.setup(config.node.log_level, data_dir.log)
         node = Node(data_dir, config, identity, NodeOptions())
         trio.run(_serve, node)

@@ -161,3 +161,18 @@ def test_metrics_endpoint(tmp_path: Path, daemons: list[Daemon]) -> None:
     assert "pmarket_peers" in body
     assert "pmarket_offers_rejected" in body
     assert json.dumps(status)  # status stays JSON-serialisable with the port in it
+
+
+def test_port_in_use_is_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for data_dir in (first, second):
+        run("init", "--data-dir", str(data_dir))
+    daemons.append(Daemon(first))
+    address = daemons[0].wait_ready()["addrs"][0]
+    taken = address.split("/p2p/")[0]
+
+    result = run("node", "start", "--data-dir", str(second), "--listen", taken, check=False, timeout=30)
+
+    assert result.returncode == 1
+    assert "already in use" in result.stderr
+    assert not (second / "control.sock").exists()
