@@ -20,6 +20,7 @@ stored state says, so a restart of either node resumes it:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import mmap
 import secrets
@@ -35,6 +36,7 @@ from protocol import limits
 from protocol.codec import decode, encode
 from protocol.deal import DealEvent, DealState, InvalidTransition
 from protocol.errors import Reason, RemoteProtocolError
+from protocol.identity import peer_id_to_text
 from protocol.manifest import chunk_bounds, chunk_count, decode_manifest, verify_chunk
 from protocol.messages import (
     UNSIGNED,
@@ -63,6 +65,7 @@ from protocol.offers import ValidOffer
 from protocol.pricing import buyer_accepts
 
 if TYPE_CHECKING:
+    from node.models import ModelVersion
     from node.trades import Trades
 
 logger = logging.getLogger(__name__)
@@ -194,7 +197,7 @@ class Buyer:
                     raise BuyError(Reason.TRUNCATED, "the seller closed the negotiation without an answer")
                 if isinstance(reply, Reject):
                     verify_reject(reply)
-                    raise BuyError(reply.reason, f"the seller rejected the bid: {reply.detail}")
+                    raise BuyError(reply.reason, _rejection_message(reply, bid=value, ask=offer.price))
                 if isinstance(reply, Accept):
                     check_accept(reply, proposal=proposal, sender=offer.seller)
                     return reply
@@ -468,7 +471,9 @@ class Buyer:
         # A crash after committing the model but before signing leaves the
         # model row with this deal's ID: reuse it instead of merging twice.
         committed = trades.models.version_for_deal(record.deal_id)
-        local = trades.models.latest_of_family(record.offer.family)
+        # The base to merge into: a model of this node's task, so that an
+        # imported copy without a task does not turn a merge into a purchase.
+        local = trades.models.latest_of_family(record.offer.family, task=trades.config.task.name)
         data = local_task_data(trades.config.task)
         task = data.task if data is not None and local is not None and local.task == data.task.name else None
         if committed is not None:
@@ -547,14 +552,41 @@ class Buyer:
                          model=model_name, model_version=model_version)
 
     def _purchase_name(self, record: DealRecord) -> str:
-        """Name for weights bought outright: the offer key, unless a model of
-        another family already has that name."""
+        """Return the name under which to store weights bought outright.
+
+        An outright purchase never becomes a new version of a model that this
+        node created, imported, trained or merged. The candidates, in order:
+
+        * the offer's model name (its offer key up to any ':', with
+          characters a model name cannot hold replaced by '-'), say ``mlp``;
+        * that name, '-' and the last 6 characters of the seller's peer ID,
+          as `pmarket deals` shows them, say ``mlp-Xk3pQz``;
+        * that name followed by -2, -3, ...
+
+        The first candidate that no model has yet is taken, or one whose every
+        version is an outright purchase of the same family from the same
+        seller: buying from that seller again adds the next version there.
+        """
         base = record.offer.offer_key.split(":")[0]
-        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base)[:48] or "bought"
-        existing = [v for v in self.trades.models.list() if v.name == base]
-        if existing and existing[-1].family != record.offer.family:
-            return f"{base}-{record.counterparty.hex()[-8:]}"
-        return base
+        base = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-" for c in base)
+        base = base.lstrip("-_.")[:48] or "bought"
+        by_name: dict[str, list[ModelVersion]] = {}
+        for version in self.trades.models.list():
+            by_name.setdefault(version.name, []).append(version)
+
+        def bought_here(version: ModelVersion) -> bool:
+            if version.source != "purchase" or version.family != record.offer.family or version.deal_id is None:
+                return False
+            deal = self.trades.deals.get(version.deal_id)
+            return deal is not None and deal.counterparty == record.counterparty
+
+        seller_name = f"{base}-{peer_id_to_text(record.counterparty)[-6:]}"
+        candidates = itertools.chain((base, seller_name), (f"{seller_name}-{n}" for n in itertools.count(2)))
+        for name in candidates:
+            versions = by_name.get(name, [])
+            if all(bought_here(version) for version in versions):
+                return name
+        raise AssertionError("unreachable: the candidates never end")
 
     async def _sign(
         self,
@@ -570,8 +602,10 @@ class Buyer:
     ) -> None:
         trades = self.trades
         started = time.perf_counter()
-        gain_ppm = 0 if gain is None else max(min(round(gain * limits.PPM), 2**62), -(2**62))
-        accuracy_delta_ppm = 0
+        # A receipt carries 0 for what was not measured. The deal records None
+        # instead, so that a missing measurement does not read as a measured 0.
+        gain_ppm = None if gain is None else max(min(round(gain * limits.PPM), 2**62), -(2**62))
+        accuracy_delta_ppm = None
         before = getattr(evaluation, "accuracy_before", None)
         after = getattr(evaluation, "accuracy_after", None)
         if before is not None and after is not None:
@@ -584,8 +618,8 @@ class Buyer:
                 outcome=outcome,
                 amount=record.price if outcome == Outcome.PAID else 0,
                 reason=reason,
-                gain_ppm=gain_ppm,
-                accuracy_delta_ppm=accuracy_delta_ppm,
+                gain_ppm=gain_ppm or 0,
+                accuracy_delta_ppm=accuracy_delta_ppm or 0,
                 created_ms=trades.now_ms(),
                 buyer_signature=UNSIGNED,
                 seller_signature=b"",
@@ -680,6 +714,19 @@ def _ranges(indices: list[int]) -> tuple[tuple[int, int], ...]:
         else:
             ranges.append((index, 1))
     return tuple(ranges[: limits.MAX_CHUNK_RANGES])
+
+
+def _rejection_message(reject: Reject, *, bid: int, ask: int) -> str:
+    """Return the message for a seller's reject of this node's bid, with what to do about a price."""
+    message = f"the seller rejected the bid of {bid}: {reject.detail}"
+    if reject.reason != Reason.PRICE_BELOW_RESERVE:
+        return message
+    if bid < ask:
+        return f"{message}; the offer asks {ask}, so raise --max-price (up to {ask}) to buy"
+    return (
+        f"{message}; the bid already meets the offer's ask of {ask}, so this seller asks more of this node "
+        f"(a seller may charge its competitors more): raise --max-price above {ask} or buy from another seller"
+    )
 
 
 def _outcome_for(record: DealRecord, decision: str, gain: float | None) -> Outcome:

@@ -320,14 +320,19 @@ class ModelStore:
         rows = self._db.query(f"SELECT {_COLUMNS} FROM models ORDER BY name, version")
         return [self._from_row(row) for row in rows]
 
-    def latest_of_family(self, family: bytes) -> ModelVersion | None:
+    def latest_of_family(self, family: bytes, *, task: str = "") -> ModelVersion | None:
         """Return the newest version of ``family`` across all names, or None.
 
-        Newest means the highest ``created_ms``; the later insert wins a tie.
+        Versions of ``task`` come first (when it is not empty), then versions
+        of any other task, then versions without a task: a buyer merges into
+        a model of its own task, never into an imported copy that has none.
+        Within a group, newest means the highest ``created_ms``; the later
+        insert wins a tie.
         """
         row = self._db.query_one(
-            f"SELECT {_COLUMNS} FROM models WHERE family = ? ORDER BY created_ms DESC, rowid DESC LIMIT 1",
-            (family,),
+            f"SELECT {_COLUMNS} FROM models WHERE family = ? "
+            "ORDER BY (? != '' AND task = ?) DESC, task != '' DESC, created_ms DESC, rowid DESC LIMIT 1",
+            (family, task, task),
         )
         return None if row is None else self._from_row(row)
 

@@ -466,3 +466,20 @@ def test_subset_file_unknown_tensor(store: ModelStore, tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match="no tensors named 'nope'"):
         store.subset_file(model, ["layer.bias", "nope"])
+
+
+def test_latest_of_family_prefers_task(store: ModelStore, tmp_path: Path) -> None:
+    path = _write(tmp_path / "digits.safetensors", DigitsTask().initial_params(0))
+    trained = store.import_file(path, name="mlp", task="digits", now_ms=10)
+    copy = store.import_file(path, name="copy", task="", now_ms=20)
+    assert copy.family == trained.family
+
+    # The copy is newer, but it has no task, so a buyer cannot merge into it.
+    assert store.latest_of_family(trained.family) == trained
+    assert store.latest_of_family(trained.family, task="digits") == trained
+
+    # A task that is not registered here is stored unchecked.
+    other = store.import_file(path, name="other", task="other-task", now_ms=30)
+    assert store.latest_of_family(trained.family) == other
+    assert store.latest_of_family(trained.family, task="digits") == trained
+    assert store.latest_of_family(trained.family, task="unknown") == other
