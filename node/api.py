@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.peer.peerstore import PeerStoreError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import compile_path
 
 from node.control import ApiError, json_body
 from protocol.identity import peer_id_to_text
+from protocol.messages import Role
 from protocol.offers import ValidOffer
 
 if TYPE_CHECKING:
@@ -61,7 +65,62 @@ def stored_addrs(peerstore: Any, peer: Any) -> list[str]:
         return []
 
 
-def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any]]]]:
+RouteTable = list[tuple[str, str, Callable[[Request], Awaitable[Any]]]]
+
+# Methods for which the catch-all routes return a JSON 404 or 405 (a GET route also serves HEAD).
+FALLBACK_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+ROUTES_HINT = 'the routes are listed under "The control API" in README.md'
+
+
+def route_error(method: str, path: str, allowed: Sequence[str], known_paths: Sequence[str] = ()) -> ApiError:
+    """Return the error for a request that matches no route: 405 when ``allowed`` lists methods, else 404."""
+    if allowed:
+        return ApiError(405, f"method {method} is not allowed for {path}, only {', '.join(allowed)}; {ROUTES_HINT}")
+    stripped = path.rstrip("/")
+    if stripped != path and stripped in known_paths:
+        return ApiError(404, f"the control API has no route {method} {path}; did you mean {stripped}? {ROUTES_HINT}")
+    return ApiError(404, f"the control API has no route {method} {path}; {ROUTES_HINT}")
+
+
+def fallback_routes(table: RouteTable) -> RouteTable:
+    """Return catch-all routes, placed last, that turn an unknown path or method into a JSON error.
+
+    Starlette's own 404 and 405 responses are plain text, while every error
+    of this API is ``{"error": message}``.
+    """
+    known = [(method, compile_path(path)[0]) for method, path, _ in table]
+    plain_paths = [path for _, path, _ in table if "{" not in path]
+
+    async def unmatched(request: Request) -> Any:
+        path = request.url.path
+        allowed = sorted({method for method, regex in known if regex.match(path)})
+        raise route_error(request.method, path, allowed, plain_paths)
+
+    return [(method, "/{path:path}", unmatched) for method in FALLBACK_METHODS]
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Return an HTTPException as ``{"error": message}``, like every other error of this API.
+
+    This is a Starlette exception handler: pass it to the app as
+    ``Starlette(..., exception_handlers={HTTPException: http_error})``. It
+    covers the 404 and 405 of methods that `fallback_routes` does not serve.
+    """
+    if not isinstance(exc, HTTPException):
+        raise exc
+    method, path = request.method, request.url.path
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        message = route_error(method, path, ()).message
+    elif exc.status_code == 405:
+        allowed = sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+        message = route_error(method, path, allowed).message
+    else:
+        message = f"{method} {path} failed: {exc.detail}; {ROUTES_HINT}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
+
+
+def routes(node: Node) -> RouteTable:
     async def status(request: Request) -> Any:
         return node.status()
 
@@ -92,7 +151,7 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         node.request_stop(delay=0.1)
         return {"stopping": True, "peer_id": node.peer_id_text}
 
-    return [
+    table: RouteTable = [
         ("GET", "/v1/status", status),
         ("GET", "/v1/peers", peers),
         ("GET", "/v1/offers", offers),
@@ -100,6 +159,7 @@ def routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any
         ("POST", "/v1/stop", stop),
         *trade_routes(node),
     ]
+    return [*table, *fallback_routes(table)]
 
 
 def model_view(version: Any) -> dict[str, Any]:
@@ -136,7 +196,7 @@ def _str(body: dict[str, Any], key: str, *, required: bool = True, default: str 
     return value
 
 
-def trade_routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitable[Any]]]]:
+def trade_routes(node: Node) -> RouteTable:
     from node.buyer import BuyError
     from node.models import ModelError
     from node.publish import OfferRequest, PublishError, parse_terms
@@ -231,9 +291,14 @@ def trade_routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitab
 
     async def deal(request: Request) -> Any:
         prefix = request.path_params["deal_id"].lower()
-        matches = node.trades.deals.find_prefix(prefix)
-        if len(matches) != 1:
-            raise ApiError(404 if not matches else 400, f"{len(matches)} deals match {prefix!r}; give a longer deal ID")
+        # Only hex digits, so that SQL LIKE wildcards in the prefix match nothing.
+        matches = node.trades.deals.find_prefix(prefix) if _is_hex(prefix) else []
+        if not matches:
+            raise ApiError(
+                404, f"no deal matches {prefix!r}; deal IDs are hexadecimal, and `pmarket deals` lists them"
+            )
+        if len(matches) > 1:
+            raise ApiError(400, f"{len(matches)} deals match {prefix!r}; give a longer deal ID")
         return deal_view(node, matches[0])
 
     async def ledger(request: Request) -> Any:
@@ -246,7 +311,8 @@ def trade_routes(node: Node) -> list[tuple[str, str, Callable[[Request], Awaitab
             chain = f"broken: {exc}"
         earned, spent = node.trades.ledger.totals()
         balances = {peer_id_to_text(peer): amount for peer, amount in node.trades.ledger.balances().items()}
-        return {"entries": node.trades.ledger.export(), "balances": balances, "earned": earned, "spent": spent, "chain": chain}
+        entries = [_unmeasured_as_null(node, entry) for entry in node.trades.ledger.export()]
+        return {"entries": entries, "balances": balances, "earned": earned, "spent": spent, "chain": chain}
 
     async def agent_round(request: Request) -> Any:
         body = await json_body(request)
@@ -302,6 +368,28 @@ def deal_view(node: Node, record: Any) -> dict[str, Any]:
     if progress is not None:
         view["phases"] = {name: round(seconds, 4) for name, seconds in progress.phases.items()}
     return view
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _unmeasured_as_null(node: Node, entry: dict[str, Any]) -> dict[str, Any]:
+    """Return a ledger entry with null for a gain that this node's purchase did not measure.
+
+    A receipt carries 0 for a gain or accuracy change that the buyer did not
+    measure, in an outright purchase for example. The buyer's deal records
+    None then, so its ledger view shows null, as its deal view does. The
+    signed receipt, in ``receipt``, keeps its 0.
+    """
+    record = node.trades.deals.get(bytes.fromhex(entry["deal_id"]))
+    if record is None or record.role is not Role.BUYER:
+        return entry
+    if record.gain_ppm is None:
+        entry["gain_ppm"] = None
+    if record.accuracy_delta_ppm is None:
+        entry["accuracy_delta_ppm"] = None
+    return entry
 
 
 def _valid(published: Any) -> ValidOffer:

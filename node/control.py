@@ -20,6 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -77,7 +78,7 @@ def build_app(node: Node) -> Starlette:
     from node import api
 
     routes = [Route(path, endpoint(handler), methods=[method]) for method, path, handler in api.routes(node)]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: api.http_error})
 
 
 async def serve_control(node: Node, socket_path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
