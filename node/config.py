@@ -4,6 +4,7 @@ and loading with clear errors for bad values."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -130,6 +131,19 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Examples that errors about addresses show.
+LISTEN_EXAMPLE = "/ip4/127.0.0.1/tcp/4001"
+PEER_EXAMPLE = "/ip4/127.0.0.1/tcp/4001/p2p/<peer ID>"
+
+# Names of the TOML type behind each Python type, for type errors.
+TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list of strings",
+}
 
 DEFAULT_FILE = """\
 # pmarket node configuration. Every key is optional; the values shown are
@@ -305,14 +319,21 @@ def set_task(path: Path, *, name: str, index: int, orgs: int, split: str, deduct
     parse(path.read_text(encoding="utf-8"), str(path))
 
 
-def _section(cls: type[Any], name: str, values: Any) -> Any:
+def _did_you_mean(word: str, choices: list[str], template: str) -> str:
+    """Return " (did you mean X?)" for the choice closest to ``word``, or "" when none is close."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {template.format(close[0])}?)" if close else ""
+
+
+def _section(cls: type[Any], name: str, values: Any, source: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"[{name}] must be a table, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+        raise ConfigError(f"{source}: [{name}] must be a table, got {type(values).__name__}")
+    known = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(values) - set(known))
     if unknown:
+        hint = _did_you_mean(unknown[0], known, "{}")
         raise ConfigError(
-            f"unknown key {unknown[0]!r} in [{name}]; known keys are {', '.join(sorted(known))}"
+            f"{source}: unknown key {unknown[0]!r} in [{name}]{hint}; known keys are {', '.join(known)}"
         )
     defaults = cls()
     result: dict[str, Any] = {}
@@ -320,12 +341,8 @@ def _section(cls: type[Any], name: str, values: Any) -> Any:
         expected = type(getattr(defaults, key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if type(value) is not expected:
-            raise ConfigError(
-                f"[{name}] {key} must be a {expected.__name__}, got {value!r}"
-            )
-        if expected is list and not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"[{name}] {key} must be a list of strings, got {value!r}")
+        if type(value) is not expected or (expected is list and not all(isinstance(item, str) for item in value)):
+            raise ConfigError(f"{source}: [{name}] {key} must be {TYPE_NAMES[expected]}, got {value!r}")
         result[key] = value
     return dataclasses.replace(defaults, **result)
 
@@ -338,7 +355,10 @@ def parse(text: str, source: str = "config") -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(document) - set(sections))
     if unknown:
-        raise ConfigError(f"{source}: unknown section [{unknown[0]}]; known sections are {', '.join(sections)}")
+        hint = _did_you_mean(unknown[0], list(sections), "[{}]")
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}]{hint}; known sections are {', '.join(sections)}"
+        )
     section_types: dict[str, type[Any]] = {
         "node": NodeSection,
         "limits": LimitsSection,
@@ -350,7 +370,7 @@ def parse(text: str, source: str = "config") -> Config:
         "market": MarketSection,
         "agent": AgentSection,
     }
-    kwargs = {name: _section(section_types[name], name, document.get(name, {})) for name in sections}
+    kwargs = {name: _section(section_types[name], name, document.get(name, {}), source) for name in sections}
     config = Config(**kwargs)
     validate(config, source)
     return config
@@ -369,13 +389,9 @@ def load(path: Path) -> Config:
 def validate(config: Config, source: str = "config") -> None:
     """Check values that a type alone does not pin down."""
     for address in config.node.listen:
-        check_multiaddr(address, f"{source}: [node] listen")
+        check_multiaddr(address, f"{source}: [node] listen address")
     for address in config.node.bootstrap:
-        parsed = check_multiaddr(address, f"{source}: [node] bootstrap")
-        if "p2p" not in [p.name for p in parsed.protocols()]:
-            raise ConfigError(
-                f"{source}: bootstrap address {address!r} must end in /p2p/<peer ID> so the peer can be authenticated"
-            )
+        check_peer_address(address, f"{source}: [node] bootstrap address")
     if config.node.log_level not in LOG_LEVELS:
         raise ConfigError(f"{source}: [node] log_level {config.node.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
     positive = {
@@ -402,11 +418,7 @@ def validate(config: Config, source: str = "config") -> None:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"{source}: [gossip] families entry {family!r} is not 64 hex digits") from None
-    task = config.task
-    if task.orgs < 1 or not 0 <= task.index < task.orgs:
-        raise ConfigError(f"{source}: [task] index {task.index} must be in 0..{task.orgs - 1} (orgs = {task.orgs})")
-    if not 0 < task.deduction <= 1:
-        raise ConfigError(f"{source}: [task] deduction {task.deduction} must be in (0, 1]")
+    validate_task(config.task, source)
     from protocol import limits as protocol_limits
 
     if not protocol_limits.MIN_CHUNK_SIZE <= config.transfer.chunk_size <= protocol_limits.MAX_CHUNK_SIZE:
@@ -441,8 +453,63 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: [workers] device {device!r} must be auto, cpu, cuda or cuda:N")
 
 
-def check_multiaddr(text: str, what: str) -> multiaddr.Multiaddr:
+def validate_task(task: TaskSection, source: str = "config") -> None:
+    """Check the [task] section, including that the task and its split are registered.
+
+    Imports torch through the task registry when a task name is set.
+    """
+    if task.orgs < 1:
+        raise ConfigError(f"{source}: [task] orgs {task.orgs} must be at least 1")
+    if not 0 <= task.index < task.orgs:
+        raise ConfigError(f"{source}: [task] index {task.index} must be in 0..{task.orgs - 1} (orgs = {task.orgs})")
+    if not 0 < task.deduction <= 1:
+        raise ConfigError(f"{source}: [task] deduction {task.deduction} must be greater than 0 and at most 1")
+    if not task.name:
+        return
+    from node.tasks import task_names, task_splits
+
+    names = task_names()
+    if task.name not in names:
+        raise ConfigError(
+            f"{source}: [task] name {task.name!r} is not a known task; known tasks: {', '.join(names)} "
+            '(name = "" makes a node without a task)'
+        )
+    splits = task_splits(task.name)
+    if splits and task.split not in splits:
+        raise ConfigError(
+            f"{source}: [task] split {task.split!r} is not a split of task {task.name}; use one of {', '.join(splits)}"
+        )
+
+
+def address_example(text: str, example: str) -> str:
+    """Return ``example``, or the multiaddr form of ``text`` when it is written as IPv4:port."""
+    match = re.fullmatch(r"\s*(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})\s*", text)
+    if match is None:
+        return example
+    return example.replace("127.0.0.1", match.group(1)).replace("4001", match.group(2))
+
+
+def check_multiaddr(text: str, what: str, *, example: str = LISTEN_EXAMPLE) -> multiaddr.Multiaddr:
+    """Parse ``text`` as a multiaddr; ``what`` names the value in the error, for example "--listen"."""
     try:
-        return multiaddr.Multiaddr(text)
+        parsed = multiaddr.Multiaddr(text)
     except Exception as exc:  # the multiaddr package raises several unrelated types
-        raise ConfigError(f"{what}: {text!r} is not a valid multiaddr ({exc})") from None
+        # Its messages repeat the whole address around the reason; keep the reason.
+        reason = re.sub(r"^Invalid MultiAddr .*?: | \(string: .*\)$", "", str(exc))
+        raise ConfigError(
+            f"{what} {text!r} is not a valid multiaddr ({reason}); write it as {address_example(text, example)}"
+        ) from None
+    if not parsed.protocols():
+        raise ConfigError(f"{what} is empty; write it as {example}")
+    return parsed
+
+
+def check_peer_address(text: str, what: str) -> multiaddr.Multiaddr:
+    """Parse a peer's full address, which must end in /p2p/<peer ID> so the peer can be authenticated."""
+    parsed = check_multiaddr(text, what, example=PEER_EXAMPLE)
+    if parsed.protocols()[-1].name != "p2p":
+        raise ConfigError(
+            f"{what} {text!r} must end in /p2p/<peer ID> so the peer can be authenticated, "
+            f"for example {text.rstrip('/')}/p2p/12D3KooW...; `pmarket status` on that node shows its full address"
+        )
+    return parsed
