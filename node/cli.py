@@ -19,16 +19,20 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from devnet.network import DevnetError
 from node.client import ControlClient, ControlError
-from node.datadir import DataDir, DataDirError, default_data_dir
+from node.config import ConfigError, TaskSection, check_multiaddr, check_peer_address, validate_task
+from node.datadir import DataDir, DataDirError, command_default_data_dir
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+# markup=False: names, paths and messages print as they are, so text in
+# square brackets such as a config section [limits] stays visible.
+console = Console(soft_wrap=True, markup=False)
+errors = Console(stderr=True, soft_wrap=True, markup=False)
 if not console.is_terminal:
     # Piped output keeps peer IDs and addresses on one line.
     console.width = 200
@@ -46,7 +50,7 @@ def _data_dir_parent() -> argparse.ArgumentParser:
     parent.add_argument(
         "--data-dir",
         type=lambda text: Path(text).expanduser().absolute(),
-        default=Path(os.environ["PMARKET_DATA_DIR"]) if os.environ.get("PMARKET_DATA_DIR") else default_data_dir(),
+        default=command_default_data_dir(),
         help="the node's data directory (default: $PMARKET_DATA_DIR, else $XDG_DATA_HOME/pmarket "
         "or ~/.local/share/pmarket)",
     )
@@ -67,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", parents=[data], help="create a data directory with a new identity")
     init.add_argument("--task", default="", help="task this node trains and evaluates on, for example digits")
-    init.add_argument("--shard", default="0/1", metavar="INDEX/COUNT",
-                      help="which of COUNT organizations' data shards this node holds (default 0/1: all of it)")
-    init.add_argument("--split", choices=["iid", "complementary"], default="iid", help="how shards are cut (default iid)")
-    init.add_argument("--deduction", type=float, default=0.1,
-                      help="under a complementary split, the fraction of other organizations' classes a shard keeps")
-    init.add_argument("--seed", type=int, default=0, help="seed of the data split and of this node's initial weights")
+    init.add_argument("--shard", metavar="INDEX/COUNT",
+                      help="which of COUNT organizations' data shards this node holds (default 0/1: all of it; needs --task)")
+    init.add_argument("--split", choices=["iid", "complementary"],
+                      help="how shards are cut (default iid; needs --task)")
+    init.add_argument("--deduction", type=float,
+                      help="under --split complementary, the fraction of other organizations' classes a shard keeps, "
+                      "greater than 0 and at most 1 (default 0.1)")
+    init.add_argument("--seed", type=int,
+                      help="seed of the data split and of this node's initial weights (default 0; needs --task)")
     init.set_defaults(run=cmd_init)
 
     node = commands.add_parser("node", help="run or stop the daemon")
@@ -96,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     peers = commands.add_parser("peers", parents=[data, as_json], help="list connected peers")
     peers.set_defaults(run=cmd_peers)
     offers = commands.add_parser("offers", parents=[data, as_json], help="list live offers in the offer book")
-    offers.add_argument("--family", help="only offers of this model family (64 hex digits)")
+    offers.add_argument("--family", metavar="HEX",
+                        help="only offers of model families whose hex ID starts with HEX: at least 8 of the "
+                        "64 hex digits, such as the 12 the family column shows")
     offers.set_defaults(run=cmd_offers)
 
     from node import cli_trade
@@ -126,6 +135,13 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[obj
     console.print(grid)
 
 
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """Return the count and the noun in the form that fits it: "1 deal", "2 deals"."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural_noun or noun + 's'}"
+
+
 def short_peer(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
 
@@ -137,26 +153,72 @@ def client_for(args: argparse.Namespace) -> ControlClient:
 # Commands ---------------------------------------------------------------------
 
 
+def check_task_name(name: str, option: str) -> None:
+    """Raise CommandError unless ``name`` is a registered task. Imports torch."""
+    from node.tasks import task_names
+
+    names = task_names()
+    if name not in names:
+        raise CommandError(f"{option} {name!r} is not a known task; known tasks: {', '.join(names)}")
+
+
+def _task_section(args: argparse.Namespace) -> TaskSection | None:
+    """Return the [task] section that `pmarket init` options describe, checked; None without --task."""
+    given = [option for option, value in (("--shard", args.shard), ("--split", args.split),
+                                          ("--deduction", args.deduction), ("--seed", args.seed)) if value is not None]
+    if not args.task:
+        if given:
+            verbs = "sets the node's task data and needs" if len(given) == 1 else "set the node's task data and need"
+            raise CommandError(f"{', '.join(given)} {verbs} --task, for example --task digits")
+        return None
+    check_task_name(args.task, "--task")
+
+    shard = args.shard or "0/1"
+    match = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if match is None or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise CommandError(f"--shard {shard!r} must be INDEX/COUNT with 0 <= INDEX < COUNT, for example 0/2")
+
+    split = args.split or "iid"
+    if args.deduction is not None and not 0 < args.deduction <= 1:
+        raise CommandError(f"--deduction {args.deduction:g} must be greater than 0 and at most 1, for example 0.1")
+    if args.deduction is not None and split != "complementary":
+        raise CommandError(f"--deduction applies only to --split complementary; the split is {split}")
+    if split == "complementary":
+        deduction = 0.1 if args.deduction is None else args.deduction
+    else:
+        deduction = 1.0
+
+    section = TaskSection(
+        name=args.task,
+        orgs=int(match.group(2)),
+        index=int(match.group(1)),
+        split=split,
+        deduction=deduction,
+        seed=args.seed or 0,
+    )
+    validate_task(section, "command line")
+    return section
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from node.datadir import init
     from protocol.identity import peer_id_to_text
 
     data_dir = DataDir(args.data_dir)
-    match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
-    if match is None or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise CommandError(f"--shard {args.shard!r} must be INDEX/COUNT with 0 <= INDEX < COUNT, for example 0/2")
+    # Check every option before init() writes the identity, so a mistake leaves nothing behind.
+    task = _task_section(args)
     identity = init(data_dir)
-    if args.task:
+    if task is not None:
         from node.config import set_task
 
         set_task(
             data_dir.config,
-            name=args.task,
-            index=int(match.group(1)),
-            orgs=int(match.group(2)),
-            split=args.split,
-            deduction=args.deduction if args.split == "complementary" else 1.0,
-            seed=args.seed,
+            name=task.name,
+            index=task.index,
+            orgs=task.orgs,
+            split=task.split,
+            deduction=task.deduction,
+            seed=task.seed,
         )
     console.print(f"Created {data_dir.root}")
     console.print(f"Peer ID: {peer_id_to_text(identity.peer_id)}")
@@ -167,6 +229,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_node_start(args: argparse.Namespace) -> int:
     from node.run import run_foreground
 
+    for address in args.listen or []:
+        check_multiaddr(address, "--listen")
+    for address in args.bootstrap:
+        check_peer_address(address, "--bootstrap")
     return run_foreground(
         DataDir(args.data_dir),
         listen=args.listen,
@@ -205,6 +271,7 @@ def _wait_for_exit(data_dir: DataDir, timeout: float) -> None:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
+    check_peer_address(args.address, "peer address")
     result = client_for(args).post("/v1/connect", {"address": args.address})
     if args.json:
         print_json(result)
@@ -245,12 +312,32 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         print_json(peers)
     else:
-        table(f"{len(peers)} connected peers", ["peer ID", "addresses"], [(p["peer_id"], "\n".join(p["addrs"])) for p in peers])
+        table(plural(len(peers), "connected peer"), ["peer ID", "addresses"], [(p["peer_id"], "\n".join(p["addrs"])) for p in peers])
     return EXIT_OK
 
 
+FAMILY_HEX_DIGITS = 64
+MIN_FAMILY_PREFIX = 8
+
+
+def parse_family_prefix(text: str) -> str:
+    """Return ``text`` as a lowercase family prefix of 8 to 64 hex digits; raise CommandError otherwise."""
+    prefix = text.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]*", prefix) or not MIN_FAMILY_PREFIX <= len(prefix) <= FAMILY_HEX_DIGITS:
+        raise CommandError(
+            f"--family {text!r} must be {MIN_FAMILY_PREFIX} to {FAMILY_HEX_DIGITS} hex digits from the start of a "
+            "model family, for example the 12 that `pmarket offers` shows in its family column"
+        )
+    return prefix
+
+
 def cmd_offers(args: argparse.Namespace) -> int:
-    offers = client_for(args).get("/v1/offers", family=args.family)
+    prefix = parse_family_prefix(args.family) if args.family is not None else None
+    # The daemon filters by whole family IDs only, so a shorter prefix is matched here.
+    whole = prefix if prefix is not None and len(prefix) == FAMILY_HEX_DIGITS else None
+    offers = client_for(args).get("/v1/offers", family=whole)
+    if prefix is not None:
+        offers = [offer for offer in offers if offer["family"].startswith(prefix)]
     if args.json:
         print_json(offers)
         return EXIT_OK
@@ -269,7 +356,7 @@ def cmd_offers(args: argparse.Namespace) -> int:
                 offer["seq"],
             )
         )
-    table(f"{len(offers)} live offers", ["offer", "seller", "key", "family", "bytes", "price", "terms", "seq"], rows)
+    table(plural(len(offers), "live offer"), ["offer", "seller", "key", "family", "bytes", "price", "terms", "seq"], rows)
     return EXIT_OK
 
 
@@ -285,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (CommandError, ControlError, DataDirError, DevnetError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (CommandError, ConfigError, ControlError, DataDirError, DevnetError) as exc:
+        errors.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

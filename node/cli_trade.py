@@ -17,7 +17,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from node.cli import CommandError, client_for, console, print_json, short_peer, table
+from node.cli import (
+    CommandError,
+    check_task_name,
+    client_for,
+    console,
+    plural,
+    print_json,
+    short_peer,
+    table,
+)
+from node.client import ControlError
 
 TERMINAL_STATES = {"paid", "refused", "rejected", "failed", "expired"}
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -38,7 +48,9 @@ def add_commands(commands: Any, data: argparse.ArgumentParser, as_json: argparse
     imported = model_commands.add_parser("import", parents=[data, as_json], help="import a safetensors file as a model")
     imported.add_argument("file", type=Path, help="a .safetensors file")
     imported.add_argument("--name", required=True, help="model name (letters, digits, -, _ and .)")
-    imported.add_argument("--task", default="", help="task the weights are for, checked against the task's model")
+    imported.add_argument("--task", default="",
+                          help="task the weights are for, such as digits; they must fit the task's model "
+                          "(default: none, the weights are not checked)")
     imported.set_defaults(run=cmd_model_import)
     exported = model_commands.add_parser("export", parents=[data, as_json], help="write a model version to a file")
     exported.add_argument("model", metavar="NAME[@VERSION]")
@@ -90,6 +102,8 @@ def _print_model(version: dict[str, Any], verb: str) -> None:
 
 
 def cmd_model_import(args: argparse.Namespace) -> int:
+    if args.task:
+        check_task_name(args.task, "--task")
     version = client_for(args).post(
         "/v1/models/import", {"path": str(args.file.resolve()), "name": args.name, "task": args.task}
     )
@@ -98,9 +112,15 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 
 
 def cmd_model_export(args: argparse.Namespace) -> int:
-    result = client_for(args).post(
-        "/v1/models/export", {"model": args.model, "path": str(args.file.resolve()), "overwrite": args.overwrite}
-    )
+    body = {"model": args.model, "path": str(args.file.resolve()), "overwrite": args.overwrite}
+    try:
+        result = client_for(args).post("/v1/models/export", body)
+    except ControlError as exc:
+        # The model store names its Python argument; a CLI user passes the option instead.
+        message = str(exc)
+        if "overwrite=True" not in message:
+            raise
+        raise CommandError(message.replace("overwrite=True", "--overwrite")) from None
     print_json(result) if args.json else console.print(f"Wrote {result['model']} to {result['path']}")
     return 0
 
@@ -135,7 +155,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         metrics = v["metrics"]
         accuracy = f"{metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
         rows.append((v["ref"], v["task"] or "-", v["source"], f"{v['total_bytes']:,}", v["family"][:12], accuracy))
-    table(f"{len(versions)} model versions", ["model", "task", "source", "bytes", "family", "val acc"], rows)
+    table(plural(len(versions), "model version"), ["model", "task", "source", "bytes", "family", "val acc"], rows)
     return 0
 
 
@@ -194,10 +214,11 @@ def _follow(client: Any, deal: dict[str, Any], *, quiet: bool) -> dict[str, Any]
 
 def _print_outcome(deal: dict[str, Any]) -> None:
     gain = deal.get("gain_ppm")
-    gain_text = f"{gain / 1e4:+.2f}% validation loss drop" if gain is not None else "no evaluation"
+    gain_text = f"{gain / 1e4:+.2f}% validation loss drop" if gain is not None else "gain not measured"
     state = deal["state"]
     if state == "paid":
-        console.print(f"Paid {deal['price']} ({gain_text}); model {deal['model'] or '-'}")
+        model = f"model {deal['model']}" if deal["model"] else "not merged, the local model is unchanged"
+        console.print(f"Paid {deal['price']} ({gain_text}); {model}")
     elif state == "refused":
         console.print(f"Refused to pay: {deal['reason']} ({gain_text}) {deal['detail']}")
     else:
@@ -211,9 +232,9 @@ def cmd_deals(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for d in deals:
-        gain = f"{d['gain_ppm'] / 1e4:+.2f}%" if d["gain_ppm"] is not None else ""
+        gain = _gain_text(d["gain_ppm"])
         rows.append((d["deal_id"][:12], d["role"], d["state"], short_peer(d["counterparty"]), d["price"], gain, d["reason"], d["model"]))
-    table(f"{len(deals)} deals", ["deal", "role", "state", "counterparty", "price", "gain", "reason", "model"], rows)
+    table(plural(len(deals), "deal"), ["deal", "role", "state", "counterparty", "price", "gain", "reason", "model"], rows)
     return 0
 
 
@@ -225,10 +246,15 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     rows = []
     for entry in ledger["entries"]:
         rows.append((entry["index"], entry["deal_id"][:12], short_peer(entry["seller"]), short_peer(entry["buyer"]),
-                     entry["outcome"], entry["amount"], f"{entry['gain_ppm'] / 1e4:+.2f}%", entry["entry_hash"][:12]))
-    table(f"{len(rows)} ledger entries (chain {ledger['chain']})",
+                     entry["outcome"], entry["amount"], _gain_text(entry["gain_ppm"]), entry["entry_hash"][:12]))
+    table(f"{plural(len(rows), 'ledger entry', 'ledger entries')} (chain {ledger['chain']})",
           ["#", "deal", "seller", "buyer", "outcome", "amount", "gain", "hash"], rows)
     balances = [(peer, amount) for peer, amount in sorted(ledger["balances"].items())]
     table("balance with each peer (positive: the peer owes this node)", ["peer", "balance"], balances)
     console.print(f"Earned {ledger['earned']}, spent {ledger['spent']}")
     return 0
+
+
+def _gain_text(gain_ppm: int | None) -> str:
+    """Format a gain in parts per million as a percentage; None means the buyer measured none."""
+    return "not measured" if gain_ppm is None else f"{gain_ppm / 1e4:+.2f}%"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,19 @@ class DataDirError(Exception):
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "pmarket"
+
+
+def command_default_data_dir() -> Path:
+    """Return the data directory of commands run without --data-dir: $PMARKET_DATA_DIR, else default_data_dir()."""
+    configured = os.environ.get("PMARKET_DATA_DIR")
+    return Path(configured) if configured else default_data_dir()
+
+
+def data_dir_option(root: Path) -> str:
+    """Return " --data-dir ROOT" for a command that should act on ``root``, or "" when it is the default."""
+    if root.resolve() == command_default_data_dir().expanduser().resolve():
+        return ""
+    return f" --data-dir {shlex.quote(str(root))}"
 
 
 @dataclass(frozen=True)
@@ -160,9 +174,10 @@ class DaemonLock:
         except BlockingIOError:
             pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            root = self.path.parent
             raise DataDirError(
-                f"another pmarket daemon (PID {pid}) is running on {self.path.parent}; "
-                "stop it with `pmarket node stop` or use another --data-dir"
+                f"another pmarket daemon (PID {pid}) is running on {root}; "
+                f"stop it with `pmarket node stop{data_dir_option(root)}` or use another --data-dir"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
