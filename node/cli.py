@@ -298,7 +298,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("offers accepted", accepted),
         ("offers rejected", rejected),
     ]
-    for key in ("models", "deals_open", "balance"):
+    if "models" in status:
+        versions = status.get("model_versions", status["models"])
+        rows.append(("models", f"{plural(status['models'], 'name')}, {plural(versions, 'version')}"))
+    for key in ("deals_open", "balance"):
         if key in status:
             rows.append((key.replace("_", " "), status[key]))
     if status.get("metrics_port"):

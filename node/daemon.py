@@ -269,6 +269,7 @@ class Node:
         )
 
     def status(self) -> dict[str, Any]:
+        versions = self.models.list()
         return {
             "peer_id": self.peer_id_text,
             "version": VERSION,
@@ -280,7 +281,8 @@ class Node:
             "offers": len(self.gossip.book),
             "offers_accepted": self.metrics.accepted_by_via(),
             "offers_rejected": self.metrics.rejected_by_reason(),
-            "models": len({v.name for v in self.models.list()}),
+            "models": len({v.name for v in versions}),
+            "model_versions": len(versions),
             "deals_open": sum(1 for d in self.trades.deals.list() if not d.terminal),
             "balance": sum(self.trades.ledger.balances().values()),
             "metrics_port": self.metrics.port,

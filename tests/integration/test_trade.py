@@ -92,6 +92,8 @@ async def test_trade_merges_and_settles(nursery: trio.Nursery, tmp_path: Path) -
     assert after.version == before.version + 1
     assert after.source == "merge"
     assert after.metrics["val_loss"] <= before.metrics["val_loss"]
+    assert buyer.status()["models"] == 1
+    assert buyer.status()["model_versions"] == after.version
     assert bought.gain_ppm is not None
     assert bought.gain_ppm >= 0
 

@@ -422,3 +422,18 @@ def test_second_daemon_default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         first.release()
 
     assert "stop it with `pmarket node stop` or use another --data-dir" in str(raised.value)
+
+
+def test_status_counts_model_names_and_versions(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    status_body = {
+        "peer_id": PEER, "addrs": [], "data_dir": "/tmp/x", "pid": 1, "uptime_s": 3.0, "peers": 0, "offers": 0,
+        "offers_accepted": {}, "offers_rejected": {}, "models": 1, "model_versions": 2, "deals_open": 0,
+        "balance": 0, "metrics_port": None,
+    }
+    _use_client(monkeypatch, FakeClient({"/v1/status": status_body}))
+
+    status, out, _ = _run(capsys, "status", "--data-dir", "unused")
+
+    assert status == 0
+    assert "1 name, 2 versions" in out
