@@ -36,6 +36,10 @@ def setup(level: str, log_file: Path | None, *, stderr: bool = True) -> None:
     third_party = logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR
     for name in ("libp2p", "multiaddr", "zeroconf", "hypercorn", "httpx", "httpcore", "async_service"):
         logging.getLogger(name).setLevel(third_party)
+        # Importing py-libp2p 0.8.1 without LIBP2P_DEBUG sets propagate to False
+        # on its logger and adds no handler, so its errors went to stderr bare,
+        # without time or level, and never reached the log file.
+        logging.getLogger(name).propagate = True
 
 
 class RateLimiter:
