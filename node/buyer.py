@@ -482,7 +482,11 @@ class Buyer:
                              model_version=committed.version, gain=committed.metrics.get("gain"))
             return
 
+        # Under gain terms, a merge that gains less than the offer's minimum
+        # would be used without being paid for: such a delivery is not merged.
         min_gain = trades.config.market.min_gain
+        if record.terms.payment == PaymentTerms.GAIN:
+            min_gain = max(min_gain, record.terms.min_gain_ppm / limits.PPM)
         align = trades.config.task.align
 
         def job(device: str):  # type: ignore[no-untyped-def]

@@ -485,6 +485,27 @@ async def test_gain_terms_refuse_without_gain(nursery: trio.Nursery, tmp_path: P
     assert isinstance(published.offer, Offer)
 
 
+async def test_gain_below_terms_not_merged(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # The buyer's own [market] min_gain is 0, so the offer's minimum is the stricter one.
+    seller, buyer = await pair(nursery, tmp_path)
+    await buyer.init_model("mlp", epochs=3)
+    before = buyer.models.get("mlp")
+    valid = await offer_model(seller, buyer, payment=PaymentTerms.GAIN, min_gain_ppm=990_000)
+
+    deal_id = await buy_and_wait(buyer, valid)
+
+    record = buyer.trades.deals.get(deal_id)
+    assert record is not None
+    assert record.state is DealState.REFUSED
+    assert record.gain_ppm is not None
+    assert 0 < record.gain_ppm < 990_000
+    # A refused delivery leaves no trace in the buyer's models.
+    after = buyer.models.get("mlp")
+    assert after.version == before.version
+    assert buyer.models.version_for_deal(deal_id) is None
+    assert buyer.trades.ledger.balances() == {}
+
+
 def test_peer_error_names_reason() -> None:
     error = PeerError(ErrorMessage(Reason.BUSY, "later"))
     assert error.reason == Reason.BUSY
