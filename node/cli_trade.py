@@ -214,13 +214,23 @@ def _follow(client: Any, deal: dict[str, Any], *, quiet: bool) -> dict[str, Any]
 
 def _print_outcome(deal: dict[str, Any]) -> None:
     gain = deal.get("gain_ppm")
-    gain_text = f"{gain / 1e4:+.2f}% validation loss drop" if gain is not None else "gain not measured"
+    if gain is None:
+        gain_text = "gain not measured"
+    elif gain >= 0:
+        gain_text = f"validation loss {gain / 1e4:.2f}% lower"
+    else:
+        gain_text = f"validation loss {-gain / 1e4:.2f}% higher"
     state = deal["state"]
     if state == "paid":
         model = f"model {deal['model']}" if deal["model"] else "not merged, the local model is unchanged"
         console.print(f"Paid {deal['price']} ({gain_text}); {model}")
     elif state == "refused":
-        console.print(f"Refused to pay: {deal['reason']} ({gain_text}) {deal['detail']}")
+        if deal["reason"] == "gain_below_minimum":
+            minimum = deal.get("min_gain_ppm", 0) / 1e4
+            explanation = f"the measured gain is below the offer's minimum of {minimum:g}%"
+        else:
+            explanation = " ".join(part for part in (deal["reason"], deal["detail"]) if part)
+        console.print(f"Refused to pay ({gain_text}): {explanation}; the local model is unchanged")
     else:
         raise CommandError(f"deal {deal['deal_id'][:16]} ended {state}: {deal['reason']} {deal['detail']}".rstrip())
 

@@ -437,3 +437,25 @@ def test_status_counts_model_names_and_versions(monkeypatch: pytest.MonkeyPatch,
 
     assert status == 0
     assert "1 name, 2 versions" in out
+
+
+def test_refusal_names_offer_minimum(capsys: pytest.CaptureFixture[str]) -> None:
+    deal = {"deal_id": "ab" * 16, "state": "refused", "price": 50, "gain_ppm": -88_500, "min_gain_ppm": 10_000,
+            "reason": "gain_below_minimum", "detail": "", "model": None}
+
+    cli_trade._print_outcome(deal)
+
+    out = capsys.readouterr().out
+    assert "validation loss 8.85% higher" in out
+    assert "below the offer's minimum of 1%" in out
+    assert "gain_below_minimum" not in out
+
+
+def test_paid_outcome_names_model(capsys: pytest.CaptureFixture[str]) -> None:
+    deal = {"deal_id": "ab" * 16, "state": "paid", "price": 100, "gain_ppm": 350_700, "min_gain_ppm": 0,
+            "reason": "ok", "detail": "", "model": "mlp@3"}
+
+    cli_trade._print_outcome(deal)
+
+    out = capsys.readouterr().out
+    assert "Paid 100 (validation loss 35.07% lower); model mlp@3" in out
