@@ -41,18 +41,18 @@ def add_commands(commands: Any) -> None:
     up.set_defaults(run=cmd_up)
 
     status = sub.add_parser("status", help="show the devnet's nodes")
-    status.add_argument("--dir", type=Path, default=Path("devnet-data"))
+    status.add_argument("--dir", type=Path, default=Path("devnet-data"), help="folder of the devnet (default ./devnet-data)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=cmd_status)
 
     logs = sub.add_parser("logs", help="print the end of a node's log")
     logs.add_argument("org", nargs="?", help="org-N (default: every node)")
-    logs.add_argument("--dir", type=Path, default=Path("devnet-data"))
+    logs.add_argument("--dir", type=Path, default=Path("devnet-data"), help="folder of the devnet (default ./devnet-data)")
     logs.add_argument("--lines", type=int, default=40, help="lines per node (default 40)")
     logs.set_defaults(run=cmd_logs)
 
     down = sub.add_parser("down", help="stop every node process the devnet started")
-    down.add_argument("--dir", type=Path, default=Path("devnet-data"))
+    down.add_argument("--dir", type=Path, default=Path("devnet-data"), help="folder of the devnet (default ./devnet-data)")
     down.set_defaults(run=cmd_down)
 
     from devnet import sweep

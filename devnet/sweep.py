@@ -291,7 +291,7 @@ def add_command(commands: Any) -> None:
     sweep.add_argument("--grid", action="append", choices=sorted(GRIDS), help="grid to run (repeatable; default all)")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per point (default 0)")
     sweep.add_argument("--rounds", type=int, default=10, help="rounds per run (default 10)")
-    sweep.add_argument("--report-dir", type=Path, default=Path("reports/sweep"), help="folder for per-run reports and grid tables")
+    sweep.add_argument("--report-dir", type=Path, default=Path("reports/sweep"), help="folder for per-run reports and grid tables (default ./reports/sweep)")
     sweep.add_argument("--docs", type=Path, help="also write the summary page here (for example docs/experiments.md)")
     sweep.add_argument("--render", action="store_true",
                        help="run nothing; rewrite the tables, plots and page from REPORT_DIR/sweep.json")
