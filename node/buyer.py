@@ -151,6 +151,14 @@ class Buyer:
         offer = valid.offer
         if offer.seller == trades.signer.peer_id:
             raise BuyError(Reason.WRONG_PEER, "this offer is this node's own")
+        for earlier in trades.deals.list(role=Role.BUYER):
+            if earlier.offer_id == valid.offer_id and (earlier.state is DealState.PAID or not earlier.terminal):
+                state = "paid" if earlier.state is DealState.PAID else f"still {earlier.state.value}"
+                raise BuyError(
+                    Reason.INVALID_STATE,
+                    f"this node already bought offer {valid.offer_id.hex()[:12]} in deal {earlier.deal_id.hex()[:12]} "
+                    f"({state}); see `pmarket deals`",
+                )
         value = offer.price if max_price is None else max_price
         if value < 0:
             raise BuyError(Reason.INVALID_FIELD, f"--max-price {value} must not be negative")

@@ -12,10 +12,12 @@ import trio
 
 from node.client import ControlClient, ControlError
 from node.daemon import Node
+from node.publish import OfferRequest
 from node.tasks.digits import DigitsTask
 from protocol.deal import DealState
 from protocol.messages import Outcome
-from tests.integration.helpers import start_trading_node, trading_config, wait_until
+from protocol.offers import ValidOffer
+from tests.integration.helpers import start_trading_node, trading_config, wait_for_offer, wait_until
 from tests.integration.test_trade import buy_and_wait, offer_model, pair
 
 pytestmark = pytest.mark.network
@@ -37,6 +39,15 @@ async def import_file(node: Node, path: Path, name: str, task: str = "") -> None
     await trio.to_thread.run_sync(lambda: node.models.import_file(path, name=name, task=task, now_ms=node.now_ms()))
 
 
+async def offer_again(seller: Node, buyer: Node) -> ValidOffer:
+    """Publish the seller's mlp once more, a new offer: a node buys each offer once."""
+    published = await seller.publish(OfferRequest(model="mlp", price=100))
+    await wait_for_offer(buyer, published.offer_id)
+    valid = buyer.gossip.book.get(published.offer_id)
+    assert valid is not None
+    return valid
+
+
 async def test_copy_without_task_keeps_merge(nursery: trio.Nursery, tmp_path: Path) -> None:
     seller, buyer = await pair(nursery, tmp_path)
     await buyer.init_model("mlp", epochs=3)
@@ -52,7 +63,7 @@ async def test_copy_without_task_keeps_merge(nursery: trio.Nursery, tmp_path: Pa
     await trio.to_thread.run_sync(lambda: seller.models.export("mlp@2", exported))
     await import_file(buyer, exported, "copy")
 
-    second = await buy_and_wait(buyer, valid)
+    second = await buy_and_wait(buyer, await offer_again(seller, buyer))
 
     # The buyer tried the weights against its trained mlp@3, so it measured
     # a gain. It merged them into mlp, or kept mlp@3 when the gain was too small.
@@ -113,7 +124,7 @@ async def test_outright_purchase_name_and_gain(nursery: trio.Nursery, tmp_path: 
     assert entry["amount"] == 100
 
     # Buying from the same seller again adds a version to its purchases.
-    second = await buy_and_wait(buyer, valid)
+    second = await buy_and_wait(buyer, await offer_again(seller, buyer))
     again = buyer.trades.deals.get(second)
     assert again is not None
     assert (again.model, again.model_version) == (expected_name, 2)

@@ -127,6 +127,20 @@ async def test_outright_purchase_without_local_model(nursery: trio.Nursery, tmp_
     assert bought.root == seller.models.get("mlp").root
 
 
+async def test_paid_offer_not_bought_twice(nursery: trio.Nursery, tmp_path: Path) -> None:
+    seller, buyer = await pair(nursery, tmp_path)
+    valid = await offer_model(seller, buyer)
+    deal_id = await buy_and_wait(buyer, valid)
+
+    with pytest.raises(BuyError) as error:
+        await buyer.trades.buyer.buy(valid)
+
+    assert "already bought" in str(error.value)
+    assert deal_id.hex()[:12] in str(error.value)
+    assert len(buyer.trades.deals.list()) == 1
+    assert buyer.trades.ledger.balances() == {seller.peer_id: -100}
+
+
 async def test_nash_split_price(nursery: trio.Nursery, tmp_path: Path) -> None:
     seller, buyer = await pair(nursery, tmp_path, pricing="nash", share=0.5)
     valid = await offer_model(seller, buyer, price=100, reserve=60)
