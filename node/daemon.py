@@ -36,6 +36,7 @@ from node.store import Database
 from node.streams import InboundLimiter
 from node.trades import Trades
 from node.workers import WorkerPool
+from protocol.errors import RemoteProtocolError
 from protocol.identity import peer_id_to_text
 from protocol.messages import Offer
 from protocol.offers import ValidOffer
@@ -132,6 +133,7 @@ class Node:
                     await nursery.start(self.gossip.run)
                     for family in {v.family for v in self.models.list()}:
                         await self.gossip.join_family(family)
+                    await self._announce_stored_offers()
                     await nursery.start(self.trades.run)
                     nursery.start_soon(self.connector.run)
                     if self.config.agent.enabled:
@@ -207,6 +209,24 @@ class Node:
         valid = await self.gossip.publish(offer)
         logger.info("Published offer %s (%s, seq %d)", valid.offer_id.hex()[:12], offer.offer_key, offer.seq)
         return valid
+
+    async def _announce_stored_offers(self) -> None:
+        """Put this node's unexpired offers from the database back in the book and gossip them.
+
+        Only the newest offer per (family, offer key) goes out, because the
+        book keeps only that one. Run at start, so offers outlive a restart.
+        """
+        newest: dict[tuple[bytes, str], Offer] = {}
+        for published in self.publisher.live(self.now_ms()):
+            offer = published.offer
+            key = (offer.family, offer.offer_key)
+            if key not in newest or offer.seq > newest[key].seq:
+                newest[key] = offer
+        for offer in newest.values():
+            try:
+                await self.publish_offer(offer)
+            except RemoteProtocolError as exc:
+                logger.warning("Stored offer %s not announced again: %s", offer.offer_id.hex()[:12], exc)
 
     async def publish(self, request: OfferRequest) -> PublishedOffer:
         """Sign an offer for a local model and gossip it."""

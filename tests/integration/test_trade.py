@@ -478,6 +478,27 @@ async def test_buyer_restart_resumes_transfer(nursery: trio.Nursery, tmp_path: P
     assert len(ledger_receipts(restarted)) == 1
 
 
+async def test_offers_survive_seller_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    seller, _ = await pair(nursery, tmp_path)
+    await seller.init_model("mlp", epochs=1)
+    first = await seller.publish(OfferRequest(model="mlp", price=100))
+    newer = await seller.publish(OfferRequest(model="mlp", price=80))
+    seller.request_stop()
+    await trio.sleep(0.5)
+
+    restarted = await start_trading_node(nursery, tmp_path, "seller", index=0)
+
+    # Only the newest offer per key comes back; a node that joins now pulls it.
+    assert restarted.gossip.book.get(newer.offer_id) is not None
+    assert restarted.gossip.book.get(first.offer_id) is None
+    late = await start_trading_node(nursery, tmp_path, "late", index=1)
+    await late.connect(restarted.addrs()[0])
+    await wait_for_offer(late, newer.offer_id)
+    valid = late.gossip.book.get(newer.offer_id)
+    assert valid is not None
+    assert valid.offer.price == 80
+
+
 async def test_gain_terms_refuse_without_gain(nursery: trio.Nursery, tmp_path: Path) -> None:
     seller, buyer = await pair(nursery, tmp_path)
     await buyer.init_model("mlp", epochs=3)
