@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     offers.add_argument("--family", metavar="HEX",
                         help="only offers of model families whose hex ID starts with HEX: at least 8 of the "
                         "64 hex digits, such as the 12 the family column shows")
+    offers.add_argument("--mine", action="store_true", help="only this node's own offers")
     offers.set_defaults(run=cmd_offers)
 
     from node import cli_trade
@@ -338,9 +339,13 @@ def cmd_offers(args: argparse.Namespace) -> int:
     prefix = parse_family_prefix(args.family) if args.family is not None else None
     # The daemon filters by whole family IDs only, so a shorter prefix is matched here.
     whole = prefix if prefix is not None and len(prefix) == FAMILY_HEX_DIGITS else None
-    offers = client_for(args).get("/v1/offers", family=whole)
+    client = client_for(args)
+    offers = client.get("/v1/offers", family=whole)
     if prefix is not None:
         offers = [offer for offer in offers if offer["family"].startswith(prefix)]
+    if args.mine:
+        own_peer_id = client.get("/v1/status")["peer_id"]
+        offers = [offer for offer in offers if offer["seller"] == own_peer_id]
     if args.json:
         print_json(offers)
         return EXIT_OK

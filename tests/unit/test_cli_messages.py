@@ -459,3 +459,19 @@ def test_paid_outcome_names_model(capsys: pytest.CaptureFixture[str]) -> None:
 
     out = capsys.readouterr().out
     assert "Paid 100 (validation loss 35.07% lower); model mlp@3" in out
+
+
+def test_offers_mine_keeps_own_offers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    other = "12D3KooWQ9Ut3m1HJKv1jTkKRDzX1FVz1Kc4sGLtNrEBTLnHUxJx"
+    offers = [
+        {"offer_id": "aa" * 32, "seller": PEER, "offer_key": "mlp", "family": FAMILY_A, "total_bytes": 10,
+         "price": 100, "payment": "delivery", "min_gain_ppm": 0, "seq": 1},
+        {"offer_id": "bb" * 32, "seller": other, "offer_key": "mlp", "family": FAMILY_A, "total_bytes": 10,
+         "price": 50, "payment": "delivery", "min_gain_ppm": 0, "seq": 1},
+    ]
+    _use_client(monkeypatch, FakeClient({"/v1/offers": offers, "/v1/status": {"peer_id": PEER}}))
+
+    status, out, _ = _run(capsys, "offers", "--mine", "--json", "--data-dir", "unused")
+
+    assert status == 0
+    assert [offer["offer_id"] for offer in json.loads(out)] == ["aa" * 32]
