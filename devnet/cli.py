@@ -154,6 +154,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                      str(row.get("peers", "-")), str(row.get("offers", "-")), str(row.get("deals_open", "-")),
                      str(row.get("balance", "-")))
     console.print(grid)
+    if rows and not any(row["running"] for row in rows):
+        console.print(f"No node of the devnet in {args.dir} is running: it was stopped, or every node exited. "
+                      f"Start one with `pmarket devnet up --dir {args.dir}`; `pmarket devnet logs` shows the logs.",
+                      soft_wrap=True)
+        return 1
     for row in rows:
         if not row["running"]:
             console.print(f"{row['name']} is not running; its log is {row['log']}")

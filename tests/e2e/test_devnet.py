@@ -111,3 +111,5 @@ def test_keep_then_status_logs_down(tmp_path: Path) -> None:
     assert processes_using(folder) == []
     after = run("devnet", "status", "--dir", str(folder), check=False)
     assert after.returncode == 1
+    assert "No node of the devnet" in after.stdout
+    assert "pmarket devnet up --dir" in after.stdout
