@@ -175,7 +175,7 @@ def cmd_offer_publish(args: argparse.Namespace) -> int:
     else:
         console.print(f"Published offer {offer['offer_id']}")
         console.print(f"  {offer['offer_key']} for {offer['price']}, {offer['total_bytes']:,} bytes, expires in {args.expires:g} s")
-        console.print(f"  Buy it from another node with: pmarket buy {offer['offer_id'][:16]}")
+        console.print(f"  Buy it from another node with: pmarket buy {offer['offer_id'][:12]}")
     return 0
 
 
