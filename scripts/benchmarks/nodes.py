@@ -112,6 +112,17 @@ def wait_for_offer(node: NodeProcess, offer_id: str, timeout: float = 60.0) -> N
     raise RuntimeError(f"{node.name} did not see offer {offer_id[:12]} within {timeout:g} s; see {node.log_path}")
 
 
+def publish_offer(seller: NodeProcess, buyer: NodeProcess, model: str, price: int = 1) -> str:
+    """Publish an offer of `model` and wait until the buyer's book holds it; return its ID.
+
+    A node buys each offer once, so a benchmark that buys the same weights
+    again publishes them again, as a new offer.
+    """
+    offer = seller.client.post("/v1/offers", {"model": model, "price": price})
+    wait_for_offer(buyer, offer["offer_id"])
+    return str(offer["offer_id"])
+
+
 def wait_for_deal(node: NodeProcess, deal_id: str, timeout: float = 600.0) -> dict[str, Any]:
     """Poll the deal until it ends; return its last view."""
     deadline = time.monotonic() + timeout

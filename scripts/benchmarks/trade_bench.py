@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.benchmarks.nodes import NodeProcess, wait_for_deal, wait_for_offer
+from scripts.benchmarks.nodes import NodeProcess, publish_offer, wait_for_deal
 from scripts.benchmarks.record import Result
 
 ROUNDS = 5
@@ -56,13 +56,12 @@ def main() -> Result:
                 node.wait_ready()
             buyer.client.post("/v1/connect", {"address": seller.address})
             model = seller.client.post("/v1/models/init", {"name": "wide", "epochs": 0}, timeout=600)
-            offer = seller.client.post("/v1/offers", {"model": "wide", "price": 1})
-            wait_for_offer(buyer, offer["offer_id"])
             size = model["total_bytes"]
             for round_index in range(ROUNDS):
                 buyer.client.post("/v1/models/init", {"name": f"local{round_index}", "epochs": 0, "seed": 7}, timeout=600)
+                offer_id = publish_offer(seller, buyer, "wide")
                 began = time.monotonic()
-                deal = buyer.client.post("/v1/buy", {"offer": offer["offer_id"]})
+                deal = buyer.client.post("/v1/buy", {"offer": offer_id})
                 final = wait_for_deal(buyer, deal["deal_id"])
                 walls.append(time.monotonic() - began)
                 if final["state"] != "paid":

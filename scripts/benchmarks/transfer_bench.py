@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from scripts.benchmarks import profile
-from scripts.benchmarks.nodes import NodeProcess, wait_for_deal, wait_for_offer
+from scripts.benchmarks.nodes import NodeProcess, publish_offer, wait_for_deal
 from scripts.benchmarks.record import ROOT, Result
 
 GIB = 1 << 30
@@ -107,22 +107,21 @@ def run_stream(stack: str, path: Path) -> dict[str, float]:
     }
 
 
-def start_pair(root: Path, weights: Path) -> tuple[NodeProcess, NodeProcess, str]:
-    """Start a seller and a buyer, publish the weights, wait until the offer is in the buyer's book."""
+def start_pair(root: Path, weights: Path) -> tuple[NodeProcess, NodeProcess]:
+    """Start a seller and a buyer, connected, with the weights imported at the seller as model "big"."""
     seller = NodeProcess(root, "seller", NODE_SECTIONS)
     buyer = NodeProcess(root, "buyer", NODE_SECTIONS)
     for node in (seller, buyer):
         node.wait_ready()
     buyer.client.post("/v1/connect", {"address": seller.address})
     seller.client.post("/v1/models/import", {"path": str(weights), "name": "big"}, timeout=600)
-    offer = seller.client.post("/v1/offers", {"model": "big", "price": 1})
-    wait_for_offer(buyer, offer["offer_id"])
-    return seller, buyer, offer["offer_id"]
+    return seller, buyer
 
 
-def run_trade(seller: NodeProcess, buyer: NodeProcess, offer_id: str,
+def run_trade(seller: NodeProcess, buyer: NodeProcess,
               samplers: list[profile.Sampler] | None = None) -> dict[str, Any]:
-    """Buy the offer once; return the buyer's phases and each node's CPU seconds during the transfer."""
+    """Offer the weights anew and buy them once; return the buyer's phases and each node's CPU seconds during the transfer."""
+    offer_id = publish_offer(seller, buyer, "big")
     cpu_before = (seller.cpu_seconds(), buyer.cpu_seconds())
     deal = buyer.client.post("/v1/buy", {"offer": offer_id})
     # The transfer is over when the deal leaves the transferring state.
@@ -158,16 +157,16 @@ def main() -> Result:
         weights = root / "weights.safetensors"
         write_weights(weights)
         size = weights.stat().st_size
-        seller, buyer, offer_id = start_pair(root, weights)
+        seller, buyer = start_pair(root, weights)
         try:
             for round_index in range(ROUNDS):
                 for stack in STACKS:
                     samples[stack].append(run_stream(stack, weights))
-                samples["trade"].append(run_trade(seller, buyer, offer_id))
+                samples["trade"].append(run_trade(seller, buyer))
                 print(f"round {round_index + 1} of {ROUNDS}: "
                       + ", ".join(f"{name} {size / MIB / runs[-1]['seconds']:.0f} MiB/s" for name, runs in samples.items()),
                       flush=True)
-            shares = profile_trade(root, seller, buyer, offer_id)
+            shares = profile_trade(root, seller, buyer)
         finally:
             for node in (seller, buyer):
                 node.stop()
@@ -236,7 +235,7 @@ def main() -> Result:
     return result
 
 
-def profile_trade(root: Path, seller: NodeProcess, buyer: NodeProcess, offer_id: str) -> dict[str, dict[str, float]]:
+def profile_trade(root: Path, seller: NodeProcess, buyer: NodeProcess) -> dict[str, dict[str, float]]:
     """Sample both nodes with py-spy during one more trade; return each one's CPU categories."""
     py_spy = profile.find_py_spy()
     if py_spy is None:
@@ -244,5 +243,5 @@ def profile_trade(root: Path, seller: NodeProcess, buyer: NodeProcess, offer_id:
     outputs = {name: root / f"{name}.pyspy" for name in ("seller", "buyer")}
     samplers = [profile.Sampler(py_spy, node.pid, outputs[node.name]) for node in (seller, buyer)]
     time.sleep(1.0)  # py-spy attaches
-    run_trade(seller, buyer, offer_id, samplers)
+    run_trade(seller, buyer, samplers)
     return {name: profile.categorize([path]) for name, path in outputs.items()}
