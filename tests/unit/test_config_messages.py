@@ -9,6 +9,7 @@ import pytest
 from node import tasks
 from node.config import ConfigError, TaskSection, load, parse, validate_task
 from node.tasks.digits import SPLITS as DIGITS_SPLITS
+from node.tasks.digits import DigitsTask
 
 PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
 
@@ -171,7 +172,7 @@ def test_task_splits_match_digits() -> None:
 def test_registered_task_splits_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tasks, "_FACTORIES", dict(tasks._FACTORIES))
     monkeypatch.setattr(tasks, "_SPLITS", dict(tasks._SPLITS))
-    tasks.register_task("toy", tasks.DigitsTask, splits=["halves"])
+    tasks.register_task("toy", DigitsTask, splits=["halves"])
 
     validate_task(TaskSection(name="toy", split="halves"))
     with pytest.raises(ConfigError, match="split 'iid' is not a split of task toy; use one of halves"):

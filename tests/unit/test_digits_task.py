@@ -216,3 +216,10 @@ def test_get_task_digits() -> None:
 def test_get_task_unknown_lists_known() -> None:
     with pytest.raises(ValueError, match="unknown task 'mnist'; known tasks: digits"):
         get_task("mnist")
+
+
+def test_registry_splits_match_task() -> None:
+    from node.tasks import task_splits
+    from node.tasks.digits import SPLITS
+
+    assert task_splits("digits") == SPLITS

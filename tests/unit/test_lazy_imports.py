@@ -18,3 +18,18 @@ def test_modules_import_without_torch() -> None:
     )
 
     assert result.stdout.strip() == ""
+
+
+def test_task_check_imports_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from node.config import TaskSection, validate_task\n"
+        "validate_task(TaskSection(name='digits', split='iid'))\n"
+        "loaded = [m for m in ('torch', 'sklearn') if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+
+    assert result.stdout.strip() == ""
