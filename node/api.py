@@ -198,7 +198,7 @@ def _str(body: dict[str, Any], key: str, *, required: bool = True, default: str 
 
 def trade_routes(node: Node) -> RouteTable:
     from node.buyer import BuyError
-    from node.models import ModelError
+    from node.models import DestinationExists, ModelError
     from node.publish import OfferRequest, PublishError, parse_terms
 
     async def models(request: Request) -> Any:
@@ -223,6 +223,9 @@ def trade_routes(node: Node) -> RouteTable:
         overwrite = bool(body.get("overwrite", False))
         try:
             written = await trio.to_thread.run_sync(lambda: node.models.export(ref, Path(path), overwrite=overwrite))
+        except DestinationExists as exc:
+            # 409: the file exists, and "overwrite": true would replace it.
+            raise ApiError(409, f"{exc.path} already exists") from None
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
         return {"model": ref, "path": str(written)}

@@ -116,11 +116,9 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     try:
         result = client_for(args).post("/v1/models/export", body)
     except ControlError as exc:
-        # The model store names its Python argument; a CLI user passes the option instead.
-        message = str(exc)
-        if "overwrite=True" not in message:
+        if exc.status != 409:
             raise
-        raise CommandError(message.replace("overwrite=True", "--overwrite")) from None
+        raise CommandError(f"{exc}; choose another path or pass --overwrite") from None
     print_json(result) if args.json else console.print(f"Wrote {result['model']} to {result['path']}")
     return 0
 

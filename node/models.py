@@ -61,9 +61,17 @@ from protocol.messages import Manifest
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["SOURCES", "CommitHook", "ModelError", "ModelStore", "ModelVersion", "parse_ref"]
+__all__ = ["SOURCES", "CommitHook", "DestinationExists", "ModelError", "ModelStore", "ModelVersion", "parse_ref"]
 
 logger = logging.getLogger(__name__)
+
+
+class DestinationExists(ModelError):
+    """An export whose destination file exists, without ``overwrite=True``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} already exists; choose another path or pass overwrite=True")
+        self.path = path
 
 SOURCES = ("import", "init", "train", "merge", "purchase")
 
@@ -358,7 +366,7 @@ class ModelStore:
         if not dest.parent.is_dir():
             raise ModelError(f"folder {dest.parent} does not exist; create it or pick another destination")
         if dest.exists() and not overwrite:
-            raise ModelError(f"{dest} already exists; choose another path or pass overwrite=True")
+            raise DestinationExists(dest)
         temp = temp_file(dest.parent, ".safetensors", prefix=f".{dest.name}.")
         try:
             copy_durably(model.path, temp)
@@ -370,9 +378,7 @@ class ModelStore:
                 try:
                     os.link(temp, dest)
                 except FileExistsError:
-                    raise ModelError(
-                        f"{dest} already exists; choose another path or pass overwrite=True"
-                    ) from None
+                    raise DestinationExists(dest) from None
             fsync_path(dest.parent, directory=True)
         finally:
             remove_quietly(temp)

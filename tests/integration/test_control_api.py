@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
+from safetensors.numpy import save_file
 
-from node.client import ControlClient
+from node.client import ControlClient, ControlError
 from tests.integration.helpers import start_node, wait_until
 
 pytestmark = pytest.mark.network
@@ -44,3 +46,21 @@ async def test_peers_lists_stored_addresses(nursery: trio.Nursery, tmp_path: Pat
 
     assert [p["peer_id"] for p in peers] == [b.peer_id_text]
     assert b.addrs()[0] in peers[0]["addrs"]
+
+
+async def test_export_existing_file_is_409(nursery: trio.Nursery, tmp_path: Path) -> None:
+    node = await start_node(nursery, tmp_path, "a")
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": np.zeros(4, dtype=np.float32)}, str(weights))
+    node.models.import_file(weights, name="m", now_ms=1)
+    dest = tmp_path / "out.safetensors"
+    dest.write_bytes(b"keep me")
+    client = ControlClient(node.data_dir)
+    body = {"model": "m@1", "path": str(dest), "overwrite": False}
+
+    with pytest.raises(ControlError) as caught:
+        await trio.to_thread.run_sync(lambda: client.post("/v1/models/export", body))
+
+    assert caught.value.status == 409
+    assert str(caught.value) == f"{dest} already exists"
+    assert dest.read_bytes() == b"keep me"

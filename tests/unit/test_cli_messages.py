@@ -19,7 +19,7 @@ from node import cli, cli_trade
 from node.client import ControlError
 from node.config import load
 from node.datadir import DaemonLock, DataDir, DataDirError, init
-from node.models import ModelError, ModelStore
+from node.models import DestinationExists, ModelError, ModelStore
 from node.store import Database
 from protocol import limits
 
@@ -267,7 +267,7 @@ def test_model_import_unknown_task(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 class ExportClient:
-    """Exports through a real model store and reports its errors as the control API does."""
+    """Exports through a real model store and reports its errors as node.api does."""
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
@@ -276,6 +276,8 @@ class ExportClient:
         assert path == "/v1/models/export"
         try:
             written = self.store.export(body["model"], Path(body["path"]), overwrite=body["overwrite"])
+        except DestinationExists as exc:
+            raise ControlError(f"{exc.path} already exists", status=409) from None
         except ModelError as exc:
             raise ControlError(str(exc), status=400) from None
         return {"model": body["model"], "path": str(written)}
