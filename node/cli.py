@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", parents=[data], help="create a data directory with a new identity")
     init.add_argument("--task", default="", help="task this node trains and evaluates on, for example digits")
     init.add_argument("--shard", metavar="INDEX/COUNT",
-                      help="which of COUNT organizations' data shards this node holds (default 0/1: all of it; needs --task)")
+                      help="which of COUNT organizations' data shards this node trains on (default 0/1: all of it; needs --task)")
     init.add_argument("--split", choices=["iid", "complementary"],
                       help="how shards are cut (default iid; needs --task)")
     init.add_argument("--deduction", type=float,
@@ -155,7 +155,7 @@ def client_for(args: argparse.Namespace) -> ControlClient:
 
 
 def check_task_name(name: str, option: str) -> None:
-    """Raise CommandError unless ``name`` is a registered task. Imports torch."""
+    """Raise CommandError, naming ``option``, unless ``name`` is a registered task."""
     from node.tasks import task_names
 
     names = task_names()
@@ -165,12 +165,13 @@ def check_task_name(name: str, option: str) -> None:
 
 def _task_section(args: argparse.Namespace) -> TaskSection | None:
     """Return the [task] section that `pmarket init` options describe, checked; None without --task."""
-    given = [option for option, value in (("--shard", args.shard), ("--split", args.split),
-                                          ("--deduction", args.deduction), ("--seed", args.seed)) if value is not None]
+    task_options = [option for option, value in (("--shard", args.shard), ("--split", args.split),
+                                                 ("--deduction", args.deduction), ("--seed", args.seed))
+                    if value is not None]
     if not args.task:
-        if given:
-            verbs = "sets the node's task data and needs" if len(given) == 1 else "set the node's task data and need"
-            raise CommandError(f"{', '.join(given)} {verbs} --task, for example --task digits")
+        if task_options:
+            verbs = "sets the node's task data and needs" if len(task_options) == 1 else "set the node's task data and need"
+            raise CommandError(f"{', '.join(task_options)} {verbs} --task, for example --task digits")
         return None
     check_task_name(args.task, "--task")
 
