@@ -454,10 +454,7 @@ def validate(config: Config, source: str = "config") -> None:
 
 
 def validate_task(task: TaskSection, source: str = "config") -> None:
-    """Check the [task] section, including that the task and its split are registered.
-
-    Imports torch through the task registry when a task name is set.
-    """
+    """Check the [task] section, including that the task and its split are registered."""
     if task.orgs < 1:
         raise ConfigError(f"{source}: [task] orgs {task.orgs} must be at least 1")
     if not 0 <= task.index < task.orgs:

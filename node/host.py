@@ -64,7 +64,7 @@ MAX_BACKOFF_S = 60.0
 
 
 class ListenError(Exception):
-    """A listen address the node cannot use; the message tells the user what to do instead."""
+    """A listen address the node cannot use; the message names the address and a fix."""
 
 
 def check_listen_addrs(addresses: Iterable[str]) -> None:

@@ -113,7 +113,7 @@ def wait_for_offer(node: NodeProcess, offer_id: str, timeout: float = 60.0) -> N
 
 
 def publish_offer(seller: NodeProcess, buyer: NodeProcess, model: str, price: int = 1) -> str:
-    """Publish an offer of `model` and wait until the buyer's book holds it; return its ID.
+    """Publish an offer of `model` and wait until the buyer's offer book contains it; return its ID.
 
     A node buys each offer once, so a benchmark that buys the same weights
     again publishes them again, as a new offer.

@@ -169,9 +169,9 @@ def test_port_in_use_is_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
         run("init", "--data-dir", str(data_dir))
     daemons.append(Daemon(first))
     address = daemons[0].wait_ready()["addrs"][0]
-    taken = address.split("/p2p/")[0]
+    in_use = address.split("/p2p/")[0]
 
-    result = run("node", "start", "--data-dir", str(second), "--listen", taken, check=False, timeout=30)
+    result = run("node", "start", "--data-dir", str(second), "--listen", in_use, check=False, timeout=30)
 
     assert result.returncode == 1
     assert "already in use" in result.stderr

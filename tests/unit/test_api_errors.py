@@ -143,7 +143,7 @@ async def test_http_error_handler_answers_json() -> None:
 
 
 async def test_unusual_method_is_json() -> None:
-    # No fallback route serves PROPFIND, so the app's exception handler answers.
+    # No fallback route serves PROPFIND, so the app's exception handler returns the error.
     async with client_for(app_with_deals(Deals(0))) as client:
         response = await client.request("PROPFIND", "/v1/status")
     assert response.status_code in (404, 405)
